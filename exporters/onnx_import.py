@@ -1,0 +1,277 @@
+"""Turn a third-party ONNX file into a verified bundle, repairing what exporters get wrong.
+
+Real exported models carry defects: batch and spatial dims frozen at export size,
+initializers listed as graph inputs (IR < 4 habit), missing shape information. Each
+repair is reported; the result must pass the ONNX checker and run in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from runtime.bundle import (
+    Bundle,
+    InputSpec,
+    Manifest,
+    OnnxFile,
+    Preprocess,
+    SizePolicy,
+    Task,
+    Thresholds,
+    write_bundle,
+)
+from runtime.errors import BundleError
+
+# Per-task defaults a user would otherwise have to look up for the common model families.
+TASK_DEFAULTS: dict[str, dict] = {
+    # CenterFace: RGB in 0..255, no normalisation, any size that is a multiple of 32.
+    "face": dict(
+        preprocess=Preprocess(color="rgb", scale=1.0, resize="stretch"),
+        thresholds=Thresholds(score=0.5, iou=0.3),
+        labels=("face",),
+    ),
+    # YOLOv8: RGB / 255, letterboxed with grey 114.
+    "detect": dict(
+        preprocess=Preprocess(color="rgb", scale=1.0 / 255.0, resize="letterbox"),
+        thresholds=Thresholds(score=0.25, iou=0.45),
+        labels=(),
+    ),
+    "raw": dict(preprocess=Preprocess(), thresholds=Thresholds(), labels=()),
+}
+
+
+@dataclass
+class ImportOptions:
+    task: Task
+    name: str
+    version: str = "1"
+    dynamic: bool = True
+    size: SizePolicy | None = None
+    layout: str = "NCHW"
+    preprocess: Preprocess | None = None
+    thresholds: Thresholds | None = None
+    labels: Sequence[str] | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ImportResult:
+    bundle: Bundle
+    repairs: list[str]
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no such file") from None
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise BundleError(f"{path} is not a readable ONNX model: {exc}") from None
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {i.name for i in model.graph.initializer}
+    real_inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(real_inputs) != 1:
+        names = ", ".join(i.name for i in real_inputs) or "none"
+        raise BundleError(f"expected exactly one image input, the model has: {names}")
+    tensor_input = real_inputs[0]
+    if len(tensor_input.type.tensor_type.shape.dim) != 4:
+        raise BundleError(
+            f"input {tensor_input.name!r} is not 4-D (batch, channels, height, width); "
+            "only image models can be imported"
+        )
+    return tensor_input
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    # Old exporters list every weight as a graph input; ORT then treats weights as
+    # overridable feeds and refuses constant folding. IR >= 4 lets them be initializers only.
+    initializers = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in initializers]
+    dropped = len(model.graph.input) - len(keep)
+    if not dropped:
+        return []
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    repairs = [f"removed {dropped} initializers listed as graph inputs"]
+    if model.ir_version < 4:
+        model.ir_version = 4
+        repairs.append("raised IR version to 4 (needed for initializers that are not inputs)")
+    return repairs
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> list[str]:
+    # PyTorch exports carry BatchNorm's num_batches_tracked counters no node reads.
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    dropped = len(model.graph.initializer) - len(keep)
+    if not dropped:
+        return []
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return [f"removed {dropped} initializers no node uses"]
+
+
+def make_dims_dynamic(model: onnx.ModelProto, layout: str, spatial: bool) -> list[str]:
+    """Free the batch dim always (frames come one at a time), spatial dims when asked."""
+    tensor_input = image_input(model)
+    dims = tensor_input.type.tensor_type.shape.dim
+    axes = {"batch": 0}
+    if spatial:
+        axes.update({"height": 2, "width": 3} if layout == "NCHW" else {"height": 1, "width": 2})
+    frozen = [f"{name}={dims[axis].dim_value}" for name, axis in axes.items()
+              if dims[axis].HasField("dim_value")]
+    for name, axis in axes.items():
+        dims[axis].ClearField("dim_value")
+        dims[axis].dim_param = name
+    # Output and intermediate shapes were computed for the frozen size: drop them and let
+    # shape inference recompute what it can.
+    for output in model.graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                dim.ClearField("dim_value")
+    del model.graph.value_info[:]
+    return [f"made input dims dynamic (were {', '.join(frozen)})"] if frozen else []
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    before = len(model.graph.value_info)
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise BundleError(f"shape inference failed: {exc}") from None
+    added = len(inferred.graph.value_info) - before
+    return inferred, ([f"added shape information for {added} tensors"] if added > 0 else [])
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise BundleError(f"the ONNX checker rejects the model: {exc}") from None
+
+
+def smoke_sizes(size: SizePolicy) -> list[tuple[int, int]]:
+    """Input sizes to prove the model runs at: the fixed size, or two different dynamic ones."""
+    if size.mode == "fixed":
+        return [(size.height, size.width)]  # type: ignore[list-item]
+    m = size.multiple_of
+    return [(m * 2, m * 3), (m * 3, m * 2)]
+
+
+def smoke_run(model_bytes: bytes, input_name: str, layout: str, channels: int,
+              sizes: list[tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """Run the model in a real ONNX Runtime session; return output shapes of the last run."""
+    import onnxruntime as ort
+
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BundleError(f"ONNX Runtime cannot load the model: {exc}") from None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for height, width in sizes:
+        shape = (1, channels, height, width) if layout == "NCHW" else (1, height, width, channels)
+        feed = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+        try:
+            outputs = session.run(None, {input_name: feed})
+        except Exception as exc:
+            raise BundleError(
+                f"ONNX Runtime fails on a {width}x{height} input: {exc}. If the model only "
+                "works at its export size, import it with --fixed-size"
+            ) from None
+        for meta, value in zip(session.get_outputs(), outputs, strict=True):
+            if not np.all(np.isfinite(value)):
+                raise BundleError(f"output {meta.name!r} is not finite on a {width}x{height} input")
+            shapes[meta.name] = value.shape
+    return shapes
+
+
+def default_output_roles(task: Task, output_shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    names = list(output_shapes)
+    if task == "raw":
+        return {}
+    if task == "detect":
+        if len(names) != 1:
+            raise BundleError(f"a detect model needs one output [N, 4+C, anchors]; it has {names}")
+        return {"predictions": names[0]}
+    # CenterFace: heatmap (1 ch), scale (2), offset (2), landmarks (10), in that graph order.
+    by_channels: dict[int, list[str]] = {}
+    for name, shape in output_shapes.items():
+        by_channels.setdefault(shape[1] if len(shape) == 4 else -1, []).append(name)
+    if [len(by_channels.get(c, [])) for c in (1, 2, 10)] != [1, 2, 1]:
+        raise BundleError(
+            "cannot tell which face output is which (expected CenterFace's 1/2/2/10-channel "
+            f"maps, got {output_shapes}); name them with --output heatmap=NAME ..."
+        )
+    return {
+        "heatmap": by_channels[1][0],
+        "scale": by_channels[2][0],
+        "offset": by_channels[2][1],
+        "landmarks": by_channels[10][0],
+    }
+
+
+def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportResult:
+    model = load_model(source)
+    repairs = drop_initializer_inputs(model) + drop_unused_initializers(model)
+    tensor_input = image_input(model)
+    dims = tensor_input.type.tensor_type.shape.dim
+    channel_axis = 1 if options.layout == "NCHW" else 3
+    channels = dims[channel_axis].dim_value or 3
+    size = options.size or _default_size(options.dynamic, dims, options.layout)
+    repairs += make_dims_dynamic(model, options.layout, spatial=size.mode == "dynamic")
+    model, shape_repairs = infer_shapes(model)
+    repairs += shape_repairs
+    check_model(model)
+
+    defaults = TASK_DEFAULTS[options.task]
+    preprocess = options.preprocess or defaults["preprocess"]
+    if channels == 1 and preprocess.color != "gray":
+        preprocess = preprocess.model_copy(update=dict(color="gray", mean=(0.0,), std=(1.0,)))
+    model_bytes = model.SerializeToString()
+    output_shapes = smoke_run(model_bytes, tensor_input.name, options.layout, channels,
+                              smoke_sizes(size))
+    outputs = options.outputs or default_output_roles(options.task, output_shapes)
+    unknown = set(outputs.values()) - set(output_shapes)
+    if unknown:
+        raise BundleError(f"--output names {sorted(unknown)} are not outputs of the model "
+                          f"(it has {sorted(output_shapes)})")
+    labels = tuple(options.labels) if options.labels is not None else defaults["labels"]
+    if options.task == "detect" and not labels:
+        classes = output_shapes[outputs["predictions"]][1] - 4
+        labels = tuple(f"class{i}" for i in range(classes))
+    manifest = Manifest(
+        name=options.name,
+        version=options.version,
+        task=options.task,
+        input=InputSpec(name=tensor_input.name, layout=options.layout, size=size),
+        preprocess=preprocess,
+        outputs=outputs,
+        labels=labels,
+        thresholds=options.thresholds or defaults["thresholds"],
+        onnx=OnnxFile(file="model.onnx", sha256=hashlib.sha256(model_bytes).hexdigest()),
+        source={"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+    )
+    return ImportResult(write_bundle(out_dir, manifest, model_bytes), repairs)
+
+
+def _default_size(dynamic: bool, dims, layout: str) -> SizePolicy:
+    if dynamic:
+        return SizePolicy(mode="dynamic")
+    h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+    height, width = dims[h_axis].dim_value, dims[w_axis].dim_value
+    if not (height and width):
+        raise BundleError("the model's spatial dims are not fixed; import it without --fixed-size "
+                          "or give --height and --width")
+    return SizePolicy(mode="fixed", height=height, width=width)

@@ -1,0 +1,332 @@
+"""Python client SDK for headsets and tools: stream frames, get overlays back.
+
+`send` never blocks: a frame that cannot go out at once (window full, daemon away) is
+reported as not sent, because for AR the next frame is better than a late one. A
+background I/O thread owns the DEALER socket; replies arrive by callback or iterator.
+ZeroMQ reconnects by itself after a daemon restart; frames lost with the old daemon
+are reported as "lost" after `reply_timeout`, freeing the in-flight window.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from runtime.protocol import decode_reply, detections_from_reply, encode_request
+from runtime.results import Detection, tensor_from_wire
+
+log = logging.getLogger(__name__)
+_instance = itertools.count()
+ENCODING_FOR_CHANNELS = {1: "gray8", 3: "bgr8"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer to one frame: kind is result, error, dropped, lost or pong."""
+
+    kind: str
+    seq: int | None
+    message: dict[str, Any]
+    sent_at: float | None = None  # client clock, when the frame was handed to the socket
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "result"
+
+    @property
+    def detections(self) -> tuple[Detection, ...]:
+        return detections_from_reply(self.message)
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {k: tensor_from_wire(v) for k, v in self.message.get("tensors", {}).items()}
+
+    @property
+    def stamps(self) -> dict[str, float]:
+        return self.message.get("t", {})
+
+    @property
+    def round_trip_s(self) -> float | None:
+        return None if self.sent_at is None else self.received_at - self.sent_at
+
+    @property
+    def error(self) -> str | None:
+        if self.kind != "error":
+            return None
+        return f"{self.message.get('code')}: {self.message.get('message')}"
+
+
+@dataclass
+class ClientCounters:
+    sent: int = 0
+    not_sent: int = 0  # window full or no daemon connected
+    results: int = 0
+    errors: int = 0
+    dropped: int = 0  # superseded or expired at the daemon
+    lost: int = 0  # no reply within reply_timeout (daemon restarted or gone)
+
+
+class Client:
+    """Streams frames to a Sightline daemon. Thread-safe `send`; replies in one I/O thread."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        model: str | None = None,
+        max_in_flight: int = 2,
+        reply_timeout: float = 2.0,
+        on_reply: Callable[[Reply], None] | None = None,
+        context: zmq.Context | None = None,
+        max_queued_replies: int = 256,
+    ) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.max_in_flight = max_in_flight
+        self.reply_timeout = reply_timeout
+        self.counters = ClientCounters()
+        self._on_reply = on_reply
+        self._replies: queue.Queue[Reply] = queue.Queue(maxsize=max_queued_replies)
+        self._context = context or zmq.Context.instance()
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._stop = threading.Event()
+        inbox = f"inproc://sightline-client-{next(_instance)}"
+        self._outbox = self._context.socket(zmq.PUSH)  # used under self._lock
+        self._outbox.setsockopt(zmq.LINGER, 0)
+        self._outbox.bind(inbox)
+        self._thread = threading.Thread(target=self._io_loop, args=(inbox,),
+                                        name="sightline-client-io", daemon=True)
+        self._ready = threading.Event()
+        self._connected = threading.Event()
+        self._thread.start()
+        self._ready.wait()
+
+    # -- user side ----------------------------------------------------------------------
+    def send(self, image: np.ndarray, *, encoding: str | None = None,
+             capture_ts: float | None = None, pose: Sequence[float] | None = None,
+             intrinsics: Sequence[float] | None = None, model: str | None = None) -> int | None:
+        """Send a raw HxWx3 (BGR unless `encoding` says rgb8) or HxW gray frame.
+
+        Returns the frame's sequence number, or None if it was not sent because the
+        in-flight window is full. The array must not be modified until its reply arrives
+        (it is sent without a copy).
+        """
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        encoding = encoding or ENCODING_FOR_CHANNELS.get(channels)
+        if encoding is None:
+            raise ValueError(f"cannot send a {image.shape} array: expected HxW or HxWx3 uint8")
+        height, width = image.shape[:2]
+        return self._send(image, width, height, encoding, capture_ts, pose, intrinsics, model)
+
+    def send_jpeg(self, jpeg: bytes, width: int, height: int, *, capture_ts: float | None = None,
+                  pose: Sequence[float] | None = None,
+                  intrinsics: Sequence[float] | None = None,
+                  model: str | None = None) -> int | None:
+        return self._send(jpeg, width, height, "jpeg", capture_ts, pose, intrinsics, model)
+
+    def _send(self, payload, width, height, encoding, capture_ts, pose, intrinsics,
+              model) -> int | None:
+        with self._lock:
+            if self._in_flight >= self.max_in_flight:
+                self.counters.not_sent += 1
+                return None
+            self._in_flight += 1
+            seq = next(self._seq)
+            header: dict[str, Any] = {"type": "frame", "seq": seq, "w": width, "h": height,
+                                      "enc": encoding,
+                                      "ts": time.time() if capture_ts is None else capture_ts}
+            if model or self.model:
+                header["model"] = model or self.model
+            if pose is not None:
+                header["pose"] = [float(v) for v in pose]
+            if intrinsics is not None:
+                header["intrinsics"] = [float(v) for v in intrinsics]
+            self._outbox.send_multipart([encode_request(header), payload], copy=False)
+            return seq
+
+    def recv(self, timeout: float | None = None) -> Reply | None:
+        """The next reply (iterator mode), or None after `timeout` seconds."""
+        try:
+            return self._replies.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def replies(self, timeout: float | None = None) -> Iterator[Reply]:
+        """Yield replies until none arrives for `timeout` seconds (forever if None)."""
+        while True:
+            reply = self.recv(timeout)
+            if reply is None:
+                return
+            yield reply
+
+    def __iter__(self) -> Iterator[Reply]:
+        return self.replies()
+
+    @property
+    def connected(self) -> bool:
+        """True while a daemon is connected (frames sent now can reach it)."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until a daemon is connected; frames sent before that are not sent."""
+        return self._connected.wait(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._outbox.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- I/O thread -----------------------------------------------------------------------
+    def _io_loop(self, inbox_endpoint: str) -> None:
+        inbox = self._context.socket(zmq.PULL)
+        inbox.setsockopt(zmq.LINGER, 0)
+        inbox.connect(inbox_endpoint)
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a daemon that is not there: the frame is stale by then anyway.
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        monitor = dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        dealer.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        pending: dict[int, float] = {}  # seq -> client time sent
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(50))
+                if inbox in events:
+                    self._forward_frames(inbox, dealer, pending)
+                if dealer in events:
+                    self._read_replies(dealer, pending)
+                if monitor in events:
+                    self._track_connection(monitor)
+                self._expire(pending)
+        finally:
+            dealer.disable_monitor()
+            monitor.close()
+            inbox.close()
+            dealer.close()
+
+    def _track_connection(self, monitor: zmq.Socket) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected.set()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._connected.clear()
+
+    def _forward_frames(self, inbox: zmq.Socket, dealer: zmq.Socket,
+                        pending: dict[int, float]) -> None:
+        while True:
+            try:
+                parts = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            seq = decode_reply(parts[0].bytes)["seq"]
+            try:
+                dealer.send_multipart(parts, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._release(1)
+                self.counters.not_sent += 1
+                self._deliver(Reply("not_sent", seq, {"reason": "no daemon connected"}))
+                continue
+            self.counters.sent += 1
+            pending[seq] = time.time()
+
+    def _read_replies(self, dealer: zmq.Socket, pending: dict[int, float]) -> None:
+        while True:
+            try:
+                raw = dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode_reply(raw)
+                kind = message["type"]
+                seq = message.get("seq")
+            except Exception as exc:
+                log.warning("ignoring an undecodable reply: %s", exc)
+                continue
+            sent_at = pending.pop(seq, None)
+            if sent_at is not None:
+                self._release(1)
+            if kind == "result":
+                self.counters.results += 1
+            elif kind == "error":
+                self.counters.errors += 1
+            elif kind == "dropped":
+                self.counters.dropped += 1
+            self._deliver(Reply(kind, seq, message, sent_at))
+
+    def _expire(self, pending: dict[int, float]) -> None:
+        if not pending:
+            return
+        horizon = time.time() - self.reply_timeout
+        for seq in [s for s, sent in pending.items() if sent < horizon]:
+            sent_at = pending.pop(seq)
+            self._release(1)
+            self.counters.lost += 1
+            self._deliver(Reply("lost", seq, {"reason": "no reply in time"}, sent_at))
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._in_flight -= count
+
+    def _deliver(self, reply: Reply) -> None:
+        if self._on_reply is not None:
+            self._on_reply(reply)
+            return
+        try:
+            self._replies.put_nowait(reply)
+        except queue.Full:  # a reader that fell behind loses the oldest reply, not the newest
+            try:
+                self._replies.get_nowait()
+            except queue.Empty:
+                pass
+            self._replies.put_nowait(reply)
+
+
+def query_info(endpoint: str, timeout: float = 2.0,
+               context: zmq.Context | None = None) -> dict[str, Any] | None:
+    """Ping a daemon; return its pong (served models) or None if it does not answer."""
+    context = context or zmq.Context.instance()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send(encode_request({"type": "ping", "seq": 0}))
+        if socket.poll(int(timeout * 1000)):
+            return decode_reply(socket.recv())
+        return None
+    finally:
+        socket.close()

@@ -1,0 +1,92 @@
+"""Daemon configuration: a TOML file plus command-line overrides, validated once at start-up.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every
+error names the key and the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from runtime.engines import EngineSettings
+from runtime.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
+    max_clients: int = Field(default=64, gt=0)
+    # A frame that waited longer than this (since it arrived) is dropped, not inferred.
+    deadline_ms: float = Field(default=250.0, gt=0)
+    max_frame_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_width: int = Field(default=4096, gt=0)
+    max_height: int = Field(default=4096, gt=0)
+    # A client silent for this long is forgotten (its slot and counters freed).
+    client_timeout_s: float = Field(default=60.0, gt=0)
+    # Replies queued per client before ZeroMQ drops them for a client that does not read.
+    reply_hwm: int = Field(default=64, gt=0)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints_are_zmq(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one endpoint is needed")
+        for endpoint in value:
+            if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"{endpoint!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        return value
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    server: ServerSettings = ServerSettings()
+    engine: EngineSettings = EngineSettings()
+    # Bundle directories/archives, or "centerface" for the built-in default model.
+    # The first one serves frames whose header names no model.
+    models: tuple[str, ...] = ("centerface",)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        lines.append(f"  {key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read `path` (if any), apply dotted-key overrides like {"server.deadline_ms": 100}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f"in {path}" if path else "in the command-line options"
+        raise ConfigError(f"invalid configuration {where}:\n{_describe(exc)}") from None

@@ -1,0 +1,175 @@
+"""One model's frame pipeline: decode+preprocess overlaps inference.
+
+Two named threads per model. The prepare thread takes the newest waiting frame, decodes
+and preprocesses it while the previous frame is in the engine; the infer thread runs the
+engine, decodes outputs and hands the encoded reply to the socket-owning I/O thread over
+an inproc PUSH socket (ZeroMQ sockets are not thread-safe: each thread owns its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from runtime.bundle import Bundle
+from runtime.decode import decode_pixels
+from runtime.engines import Engine
+from runtime.errors import ProtocolError, SightlineError
+from runtime.latest import LatestSlots
+from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.protocol import ErrorCode, FrameHeader, encode_dropped, encode_error, encode_result
+from runtime.tasks import make_decoder
+
+log = logging.getLogger(__name__)
+POLL_S = 0.1
+
+
+@dataclass(slots=True)
+class FrameJob:
+    header: FrameHeader
+    payload: memoryview | bytes
+    received: float  # server wall clock, seconds
+    keepalive: object = None  # the zmq.Frame backing `payload`, kept alive until done
+
+
+@dataclass(slots=True)
+class _Prepared:
+    client: bytes
+    job: FrameJob
+    tensor: np.ndarray
+    transform: FrameTransform
+    stamps: dict[str, float]
+
+
+@dataclass
+class PipelineCounters:
+    """Written by the pipeline threads only; read (racily, that is fine) by status reporting."""
+
+    results: int = 0
+    expired: int = 0
+    errors: int = 0
+
+
+class ModelPipeline:
+    def __init__(self, bundle: Bundle, engine: Engine, context: zmq.Context, reply_endpoint: str,
+                 deadline_s: float) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.counters = PipelineCounters()
+        self._input_name = bundle.manifest.input.name
+        self._preprocess = Preprocessor(bundle.manifest.input, bundle.manifest.preprocess)
+        self._decode_outputs = make_decoder(bundle.manifest)
+        self._context = context
+        self._reply_endpoint = reply_endpoint
+        self._deadline_s = deadline_s
+        self._slots: LatestSlots[FrameJob] = LatestSlots()
+        # Capacity 1 hand-over: at most one frame prepared ahead of the one in the engine.
+        self._ready: queue.Queue[_Prepared] = queue.Queue(maxsize=1)
+        self._free = threading.Semaphore(1)
+        self._stop = threading.Event()
+        name = bundle.name
+        self._threads = [
+            threading.Thread(target=self._prepare_loop, name=f"sightline-prepare-{name}"),
+            threading.Thread(target=self._infer_loop, name=f"sightline-infer-{name}"),
+        ]
+
+    # -- called from the I/O thread ---------------------------------------------------
+    def submit(self, client: bytes, job: FrameJob) -> FrameJob | None:
+        """Queue a frame; returns the client's older waiting frame it superseded, if any."""
+        return self._slots.put(client, job)
+
+    def dropped(self, client: bytes) -> int:
+        return self._slots.dropped(client)
+
+    def forget(self, client: bytes) -> None:
+        self._slots.forget(client)
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._slots.wake()
+        for thread in self._threads:
+            thread.join()
+        self.engine.close()
+
+    # -- pipeline threads ---------------------------------------------------------------
+    def _reply_socket(self) -> zmq.Socket:
+        socket = self._context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self._reply_endpoint)
+        return socket
+
+    def _prepare_loop(self) -> None:
+        replies = self._reply_socket()
+        try:
+            while not self._stop.is_set():
+                if not self._free.acquire(timeout=POLL_S):
+                    continue
+                prepared = self._prepare_next(replies)
+                if prepared is None:
+                    self._free.release()
+                    continue
+                self._ready.put(prepared)
+        finally:
+            replies.close()
+
+    def _prepare_next(self, replies: zmq.Socket) -> _Prepared | None:
+        taken = self._slots.take(POLL_S)
+        if taken is None:
+            return None
+        client, job = taken
+        now = time.time()
+        if now - job.received > self._deadline_s:
+            self.counters.expired += 1
+            total = self._slots.count_drop(client)
+            replies.send_multipart([client, encode_dropped(job.header.seq, "expired", total)])
+            return None
+        try:
+            image, color = decode_pixels(job.header, job.payload)
+            decoded = time.time()
+            tensor, transform = self._preprocess(image, color)
+        except ProtocolError as exc:
+            self.counters.errors += 1
+            replies.send_multipart([client, encode_error(job.header.seq, exc.code, exc.message)])
+            return None
+        stamps = {"received": job.received, "decoded": decoded, "preprocessed": time.time()}
+        return _Prepared(client, job, tensor, transform, stamps)
+
+    def _infer_loop(self) -> None:
+        replies = self._reply_socket()
+        manifest = self.bundle.manifest
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._ready.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                # The next frame may be prepared while this one is in the engine.
+                self._free.release()
+                try:
+                    reply = self._run(item, manifest.name, manifest.version)
+                except SightlineError as exc:
+                    log.error("model %s failed on a frame: %s", manifest.name, exc)
+                    self.counters.errors += 1
+                    reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL, str(exc))
+                replies.send_multipart([item.client, reply])
+        finally:
+            replies.close()
+
+    def _run(self, item: _Prepared, name: str, version: str) -> bytes:
+        outputs = self.engine.infer({self._input_name: item.tensor})
+        item.stamps["inferred"] = time.time()
+        result = self._decode_outputs(outputs, item.transform)
+        item.stamps["postprocessed"] = time.time()
+        self.counters.results += 1
+        return encode_result(item.job.header, name, version, result, item.stamps,
+                             self._slots.dropped(item.client))

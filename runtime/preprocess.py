@@ -1,0 +1,128 @@
+"""Frame -> model input tensor, and the transform that maps model coordinates back.
+
+Runs on the hot path: output tensors come from a small ring of preallocated buffers
+(one being inferred, one being filled), so steady-state frames allocate nothing large.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from runtime.bundle import InputSpec, Preprocess
+
+# Source pixel orders the decoder can hand over.
+SourceColor = str  # "bgr" | "rgb" | "gray"
+
+
+@dataclass(frozen=True, slots=True)
+class FrameTransform:
+    """model_xy = source_xy * scale + pad; its inverse puts detections on the source frame."""
+
+    scale_x: float
+    scale_y: float
+    pad_x: float
+    pad_y: float
+    source_width: int
+    source_height: int
+    input_width: int
+    input_height: int
+
+    def to_source(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sx = np.clip((xs - self.pad_x) / self.scale_x, 0, self.source_width)
+        sy = np.clip((ys - self.pad_y) / self.scale_y, 0, self.source_height)
+        return sx, sy
+
+
+def input_size(spec: InputSpec, width: int, height: int) -> tuple[int, int]:
+    """(input_width, input_height) the model gets for a source frame of this size."""
+    size = spec.size
+    if size.mode == "fixed":
+        return size.width, size.height  # type: ignore[return-value]
+    shrink = min(1.0, size.max_width / width, size.max_height / height)
+    m = size.multiple_of
+    return (max(m, math.ceil(width * shrink / m) * m), max(m, math.ceil(height * shrink / m) * m))
+
+
+class Preprocessor:
+    """Builds model inputs for one bundle; not thread-safe (one per preprocessing thread)."""
+
+    RING = 2  # buffers: one in the engine, one being filled
+
+    def __init__(self, spec: InputSpec, preprocess: Preprocess) -> None:
+        self._spec = spec
+        self._pre = preprocess
+        channels = 1 if preprocess.color == "gray" else 3
+        std = np.asarray(preprocess.std, dtype=np.float32)
+        # value = pixel * gain + bias, per channel, folded from scale/mean/std once.
+        self._gain = (preprocess.scale / std).astype(np.float32)
+        self._bias = (-np.asarray(preprocess.mean, dtype=np.float32) / std).astype(np.float32)
+        self._identity = bool(np.all(self._gain == 1.0) and np.all(self._bias == 0.0))
+        self._channels = channels
+        self._buffers: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._turn = 0
+
+    def _buffer(self, width: int, height: int) -> np.ndarray:
+        ring = self._buffers.get((width, height))
+        if ring is None:
+            shape = ((1, self._channels, height, width) if self._spec.layout == "NCHW"
+                     else (1, height, width, self._channels))
+            ring = [np.empty(shape, dtype=np.float32) for _ in range(self.RING)]
+            if len(self._buffers) > 8:  # clients with many frame sizes must not grow memory
+                self._buffers.clear()
+            self._buffers[(width, height)] = ring
+        self._turn = (self._turn + 1) % self.RING
+        return ring[self._turn]
+
+    def __call__(self, image: np.ndarray, color: SourceColor) -> tuple[np.ndarray, FrameTransform]:
+        src_h, src_w = image.shape[:2]
+        in_w, in_h = input_size(self._spec, src_w, src_h)
+        resized, transform = self._resize(image, src_w, src_h, in_w, in_h)
+        resized = self._convert_color(resized, color)
+        out = self._buffer(in_w, in_h)
+        if self._spec.layout == "NCHW":
+            if self._channels == 1:
+                out[0, 0] = resized
+            else:
+                for c in range(3):  # strided copy + uint8->float32 cast in one pass per channel
+                    out[0, c] = resized[:, :, c]
+        else:
+            out[0] = resized.reshape(in_h, in_w, self._channels)
+        if not self._identity:
+            view = out[0] if self._spec.layout == "NCHW" else np.moveaxis(out[0], -1, 0)
+            for c in range(self._channels):
+                view[c] *= self._gain[c]
+                view[c] += self._bias[c]
+        return out, transform
+
+    def _resize(self, image: np.ndarray, src_w: int, src_h: int, in_w: int, in_h: int):
+        if (src_w, src_h) == (in_w, in_h):
+            return image, FrameTransform(1.0, 1.0, 0.0, 0.0, src_w, src_h, in_w, in_h)
+        if self._pre.resize == "stretch":
+            resized = cv2.resize(image, (in_w, in_h), interpolation=cv2.INTER_LINEAR)
+            return resized, FrameTransform(in_w / src_w, in_h / src_h, 0.0, 0.0,
+                                           src_w, src_h, in_w, in_h)
+        ratio = min(in_w / src_w, in_h / src_h)
+        new_w, new_h = round(src_w * ratio), round(src_h * ratio)
+        pad_x, pad_y = (in_w - new_w) // 2, (in_h - new_h) // 2
+        inner = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        value = (self._pre.pad_value,) * (1 if inner.ndim == 2 else inner.shape[2])
+        padded = cv2.copyMakeBorder(inner, pad_y, in_h - new_h - pad_y, pad_x,
+                                    in_w - new_w - pad_x, cv2.BORDER_CONSTANT, value=value)
+        return padded, FrameTransform(ratio, ratio, float(pad_x), float(pad_y),
+                                      src_w, src_h, in_w, in_h)
+
+    def _convert_color(self, image: np.ndarray, color: SourceColor) -> np.ndarray:
+        want = self._pre.color
+        if color == want:
+            return image
+        if want == "gray":
+            code = cv2.COLOR_BGR2GRAY if color == "bgr" else cv2.COLOR_RGB2GRAY
+        elif color == "gray":
+            code = cv2.COLOR_GRAY2BGR if want == "bgr" else cv2.COLOR_GRAY2RGB
+        else:
+            code = cv2.COLOR_BGR2RGB  # same swap both ways
+        return cv2.cvtColor(image, code)

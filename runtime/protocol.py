@@ -1,0 +1,190 @@
+"""Sightline wire protocol v1: msgpack headers over ZeroMQ multipart messages.
+
+Parsing is strict and cheap: every field is type-checked here, once, so the rest of the
+daemon can trust a FrameHeader. `docs/protocol.md` is the normative description.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from runtime.errors import ProtocolError
+from runtime.results import Detection, TaskResult, tensor_to_wire
+
+PROTOCOL_VERSION = 1
+# encoding -> (channels, colour order); "jpeg" is handled separately.
+RAW_ENCODINGS = {"bgr8": (3, "bgr"), "rgb8": (3, "rgb"), "gray8": (1, "gray")}
+ENCODINGS = (*RAW_ENCODINGS, "jpeg")
+STAGES = ("received", "decoded", "preprocessed", "inferred", "postprocessed", "sent")
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class ErrorCode:
+    MALFORMED = "MALFORMED"
+    UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
+    BAD_HEADER = "BAD_HEADER"
+    BAD_PAYLOAD_SIZE = "BAD_PAYLOAD_SIZE"
+    DECODE_FAILED = "DECODE_FAILED"
+    FRAME_TOO_LARGE = "FRAME_TOO_LARGE"
+    UNKNOWN_MODEL = "UNKNOWN_MODEL"
+    TOO_MANY_CLIENTS = "TOO_MANY_CLIENTS"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    seq: int
+    capture_ts: float
+    width: int
+    height: int
+    encoding: str
+    model: str | None = None
+    pose: tuple[float, ...] | None = None
+    intrinsics: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PingHeader:
+    seq: int
+
+
+def _field(header: dict, key: str, kinds: type | tuple[type, ...], *, required: bool = True):
+    value = header.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError(ErrorCode.BAD_HEADER, f"header field {key!r} is missing")
+        return None
+    # bool is an int in Python; a true/false sequence number is still a client bug.
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"header field {key!r} has the wrong type "
+                                                  f"({type(value).__name__})")
+    return value
+
+
+def _floats(header: dict, key: str, count: int) -> tuple[float, ...] | None:
+    value = _field(header, key, (list, tuple), required=False)
+    if value is None:
+        return None
+    if len(value) != count or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"header field {key!r} must be {count} numbers")
+    return tuple(float(v) for v in value)
+
+
+def parse_header(raw: bytes | memoryview) -> FrameHeader | PingHeader:
+    """Decode and validate a request header; raise ProtocolError with a reply code if bad."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(ErrorCode.MALFORMED, f"header is over {MAX_HEADER_BYTES} bytes")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "header must be a msgpack map")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version!r} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
+        )
+    kind = header.get("type", "frame")
+    seq = _field(header, "seq", int)
+    if kind == "ping":
+        return PingHeader(seq)
+    if kind != "frame":
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"unknown message type {kind!r}")
+    encoding = _field(header, "enc", str)
+    if encoding not in ENCODINGS:
+        raise ProtocolError(ErrorCode.BAD_HEADER,
+                            f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    width, height = _field(header, "w", int), _field(header, "h", int)
+    if width <= 0 or height <= 0:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"frame size {width}x{height} is not positive")
+    return FrameHeader(
+        seq=seq,
+        capture_ts=float(_field(header, "ts", (int, float), required=False) or 0.0),
+        width=width,
+        height=height,
+        encoding=encoding,
+        model=_field(header, "model", str, required=False),
+        pose=_floats(header, "pose", 16),
+        intrinsics=_floats(header, "intrinsics", 4),
+    )
+
+
+def peek_seq(raw: bytes | memoryview) -> int | None:
+    """Best-effort sequence number from a header that failed validation, for the error reply."""
+    try:
+        header = msgpack.unpackb(raw, raw=False)
+        seq = header.get("seq") if isinstance(header, dict) else None
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    except Exception:
+        return None
+
+
+def _pack(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def encode_result(
+    header: FrameHeader,
+    model: str,
+    model_version: str,
+    result: TaskResult,
+    stamps: dict[str, float],
+    dropped: int,
+) -> bytes:
+    message: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "type": "result",
+        "seq": header.seq,
+        "ts": header.capture_ts,
+        "model": model,
+        "model_version": model_version,
+        "w": header.width,
+        "h": header.height,
+        "detections": [d.to_wire() for d in result.detections],
+        "dropped": dropped,
+    }
+    if result.tensors:
+        message["tensors"] = {k: tensor_to_wire(v) for k, v in result.tensors.items()}
+    if header.pose is not None:
+        message["pose"] = list(header.pose)
+    if header.intrinsics is not None:
+        message["intrinsics"] = list(header.intrinsics)
+    stamps["sent"] = time.time()
+    message["t"] = stamps
+    return _pack(message)
+
+
+def encode_error(seq: int | None, code: str, text: str) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "type": "error", "seq": seq, "code": code,
+                  "message": text, "t": {"sent": time.time()}})
+
+
+def encode_dropped(seq: int, reason: str, dropped: int) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "type": "dropped", "seq": seq, "reason": reason,
+                  "dropped": dropped, "t": {"sent": time.time()}})
+
+
+def encode_pong(seq: int, models: list[dict[str, Any]]) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "type": "pong", "seq": seq, "models": models,
+                  "t": {"sent": time.time()}})
+
+
+def encode_request(header: dict[str, Any]) -> bytes:
+    """Client side: pack a request header (adds the protocol version)."""
+    return _pack({"v": PROTOCOL_VERSION, **header})
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def detections_from_reply(reply: dict[str, Any]) -> tuple[Detection, ...]:
+    return tuple(Detection.from_wire(d) for d in reply.get("detections", ()))

@@ -1,0 +1,213 @@
+"""The daemon's socket side: one ROUTER socket (tcp and ipc endpoints), many clients.
+
+The I/O thread owns the ROUTER socket. It validates headers, answers bad input at once
+with an error reply, and hands good frames to the model's pipeline, where the newest
+frame per client wins. Pipelines send replies back through an inproc PULL socket that
+this thread forwards, so no other thread touches the ROUTER socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import zmq
+
+from runtime.bundle import Bundle
+from runtime.config import ServeConfig
+from runtime.engines import open_engine
+from runtime.errors import ProtocolError
+from runtime.pipeline import FrameJob, ModelPipeline
+from runtime.protocol import (
+    MAX_HEADER_BYTES,
+    ErrorCode,
+    FrameHeader,
+    encode_dropped,
+    encode_error,
+    encode_pong,
+    parse_header,
+    peek_seq,
+)
+
+log = logging.getLogger(__name__)
+_instance = itertools.count()
+POLL_MS = 100
+
+
+@dataclass
+class ServerCounters:
+    frames: int = 0
+    superseded: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+class Server:
+    def __init__(self, config: ServeConfig, bundles: list[Bundle],
+                 context: zmq.Context | None = None) -> None:
+        if not bundles:
+            raise ValueError("a server needs at least one bundle")
+        self.config = config
+        self.counters = ServerCounters()
+        self._context = context or zmq.Context.instance()
+        self._reply_endpoint = f"inproc://sightline-replies-{next(_instance)}"
+        settings = config.server
+        self._deadline_s = settings.deadline_ms / 1000.0
+        self._pipelines: dict[str, ModelPipeline] = {}
+        for bundle in bundles:
+            if bundle.name in self._pipelines:
+                raise ValueError(f"two bundles are named {bundle.name!r}")
+            engine = open_engine(bundle.onnx_path, config.engine)
+            self._pipelines[bundle.name] = ModelPipeline(
+                bundle, engine, self._context, self._reply_endpoint, self._deadline_s)
+        self.default_model = bundles[0].name
+        self._clients: dict[bytes, float] = {}  # identity -> last seen (I/O thread only)
+        self._router: zmq.Socket | None = None
+        self._replies: zmq.Socket | None = None
+        self.endpoints: list[str] = []
+
+    @property
+    def pipelines(self) -> dict[str, ModelPipeline]:
+        return self._pipelines
+
+    def bind(self) -> list[str]:
+        """Bind all endpoints and start the pipelines; returns the endpoints as bound."""
+        settings = self.config.server
+        router = self._context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, settings.max_frame_bytes + MAX_HEADER_BYTES)
+        # A few frames per client may queue before the I/O thread reads them; the newest-wins
+        # slots then bound memory regardless of client send rate.
+        router.setsockopt(zmq.RCVHWM, 8)
+        router.setsockopt(zmq.SNDHWM, settings.reply_hwm)
+        self._replies = self._context.socket(zmq.PULL)
+        self._replies.setsockopt(zmq.LINGER, 0)
+        self._replies.bind(self._reply_endpoint)
+        try:
+            for endpoint in settings.endpoints:
+                router.bind(endpoint)
+                self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError as exc:
+            router.close()
+            self._replies.close()
+            raise OSError(f"cannot bind {endpoint}: {exc}") from exc
+        self._router = router
+        for pipeline in self._pipelines.values():
+            pipeline.start()
+        return self.endpoints
+
+    def serve(self, stop: threading.Event) -> None:
+        """Run the I/O loop until `stop` is set, then shut everything down cleanly."""
+        if self._router is None:
+            self.bind()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        next_sweep = time.monotonic() + 1.0
+        try:
+            while not stop.is_set():
+                events = dict(poller.poll(POLL_MS))
+                if self._replies in events:
+                    self._forward_replies()
+                if self._router in events:
+                    self._read_requests()
+                if time.monotonic() >= next_sweep:
+                    self._forget_idle_clients()
+                    next_sweep = time.monotonic() + 1.0
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for pipeline in self._pipelines.values():
+            pipeline.stop()
+        for socket in (self._router, self._replies):
+            if socket is not None:
+                socket.close()
+        self._router = self._replies = None
+
+    # -- I/O thread internals -------------------------------------------------------
+    def _forward_replies(self) -> None:
+        router = self._router
+        for _ in range(256):  # bounded batch, so requests are never starved
+            try:
+                parts = self._replies.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            router.send_multipart(parts)
+
+    def _read_requests(self) -> None:
+        for _ in range(256):
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            received = time.time()
+            client = parts[0].bytes
+            try:
+                self._handle(client, parts[1:], received)
+            except ProtocolError as exc:
+                self.counters.errors[exc.code] += 1
+                seq = peek_seq(parts[1].buffer) if len(parts) > 1 else None
+                self._send(client, encode_error(seq, exc.code, exc.message))
+
+    def _handle(self, client: bytes, parts: list[zmq.Frame], received: float) -> None:
+        if not parts:
+            raise ProtocolError(ErrorCode.MALFORMED, "message has no header part")
+        if client not in self._clients and len(self._clients) >= self.config.server.max_clients:
+            raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
+                                f"the daemon already serves {len(self._clients)} clients")
+        self._clients[client] = time.monotonic()
+        header = parse_header(parts[0].buffer)
+        if not isinstance(header, FrameHeader):
+            self._send(client, encode_pong(header.seq, self._model_info()))
+            return
+        if len(parts) != 2:
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                f"a frame message has 2 parts (header, pixels), got {len(parts)}")
+        self._check_limits(header, parts[1])
+        name = header.model or self.default_model
+        pipeline = self._pipelines.get(name)
+        if pipeline is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                f"model {name!r} is not served here; serving: "
+                                f"{', '.join(self._pipelines)}")
+        self.counters.frames += 1
+        job = FrameJob(header, parts[1].buffer, received, keepalive=parts[1])
+        superseded = pipeline.submit(client, job)
+        if superseded is not None:
+            self.counters.superseded += 1
+            self._send(client, encode_dropped(superseded.header.seq, "superseded",
+                                              pipeline.dropped(client)))
+
+    def _check_limits(self, header: FrameHeader, payload: zmq.Frame) -> None:
+        settings = self.config.server
+        if header.width > settings.max_width or header.height > settings.max_height:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                                f"frame {header.width}x{header.height} exceeds the daemon's limit "
+                                f"of {settings.max_width}x{settings.max_height}")
+        if len(payload) > settings.max_frame_bytes:
+            raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                                f"payload of {len(payload)} bytes exceeds the daemon's limit of "
+                                f"{settings.max_frame_bytes}")
+
+    def _send(self, client: bytes, reply: bytes) -> None:
+        # ROUTER drops (never blocks) when a client's queue is full or it is gone.
+        self._router.send_multipart([client, reply])
+
+    def _forget_idle_clients(self) -> None:
+        horizon = time.monotonic() - self.config.server.client_timeout_s
+        for client in [c for c, seen in self._clients.items() if seen < horizon]:
+            del self._clients[client]
+            for pipeline in self._pipelines.values():
+                pipeline.forget(client)
+
+    def _model_info(self) -> list[dict]:
+        return [
+            {"name": name, "version": p.bundle.version, "task": p.bundle.manifest.task,
+             "provider": p.engine.provider, "labels": list(p.bundle.manifest.labels),
+             "default": name == self.default_model}
+            for name, p in self._pipelines.items()
+        ]

