@@ -36,5 +36,12 @@ def detect_platform() -> Platform:
     return Platform(
         jetson_model=jetson_model,
         nvidia_driver=NVIDIA_DRIVER.exists() or Path("/dev/nvidia0").exists(),
-        cpu_count=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        cpu_count=_usable_cpus(),
     )
+
+
+def _usable_cpus() -> int:
+    # Affinity, not the machine's core count: containers and taskset restrict it.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import shape_inference
+from pydantic import ValidationError
 
 from runtime.bundle import (
     Bundle,
@@ -110,7 +111,7 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
 
 def drop_unused_initializers(model: onnx.ModelProto) -> list[str]:
     # PyTorch exports carry BatchNorm's num_batches_tracked counters no node reads.
-    used = {name for node in model.graph.node for name in node.input}
+    used = _node_inputs(model.graph)
     used |= {o.name for o in model.graph.output}
     keep = [i for i in model.graph.initializer if i.name in used]
     dropped = len(model.graph.initializer) - len(keep)
@@ -119,6 +120,19 @@ def drop_unused_initializers(model: onnx.ModelProto) -> list[str]:
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     return [f"removed {dropped} initializers no node uses"]
+
+
+def _node_inputs(graph: onnx.GraphProto) -> set[str]:
+    # If/Loop/Scan bodies read outer-scope tensors by name without listing them as inputs
+    # of the node that owns the body, so subgraphs are searched too.
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+            for subgraph in subgraphs:
+                names |= _node_inputs(subgraph)
+    return names
 
 
 def make_dims_dynamic(model: onnx.ModelProto, layout: str, spatial: bool) -> list[str]:
@@ -230,6 +244,7 @@ def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportRe
     channel_axis = 1 if options.layout == "NCHW" else 3
     channels = dims[channel_axis].dim_value or 3
     size = options.size or _default_size(options.dynamic, dims, options.layout)
+    _check_fixed_size(size, dims, options.layout)
     repairs += make_dims_dynamic(model, options.layout, spatial=size.mode == "dynamic")
     model, shape_repairs = infer_shapes(model)
     repairs += shape_repairs
@@ -251,19 +266,37 @@ def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportRe
     if options.task == "detect" and not labels:
         classes = output_shapes[outputs["predictions"]][1] - 4
         labels = tuple(f"class{i}" for i in range(classes))
-    manifest = Manifest(
-        name=options.name,
-        version=options.version,
-        task=options.task,
-        input=InputSpec(name=tensor_input.name, layout=options.layout, size=size),
-        preprocess=preprocess,
-        outputs=outputs,
-        labels=labels,
-        thresholds=options.thresholds or defaults["thresholds"],
-        onnx=OnnxFile(file="model.onnx", sha256=hashlib.sha256(model_bytes).hexdigest()),
-        source={"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
-    )
+    try:
+        manifest = Manifest(
+            name=options.name,
+            version=options.version,
+            task=options.task,
+            input=InputSpec(name=tensor_input.name, layout=options.layout, size=size),
+            preprocess=preprocess,
+            outputs=outputs,
+            labels=labels,
+            thresholds=options.thresholds or defaults["thresholds"],
+            onnx=OnnxFile(file="model.onnx", sha256=hashlib.sha256(model_bytes).hexdigest()),
+            source={"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+        )
+    except ValidationError as exc:  # e.g. a name taken from a file stem with spaces in it
+        raise BundleError(f"cannot make a bundle manifest from these options:\n{exc}") from None
     return ImportResult(write_bundle(out_dir, manifest, model_bytes), repairs)
+
+
+def _check_fixed_size(size: SizePolicy, dims, layout: str) -> None:
+    # Only the batch dim is freed in fixed mode, so a size other than the frozen one can
+    # never run; say so rather than letting the smoke run fail with advice to use it.
+    if size.mode != "fixed":
+        return
+    h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+    frozen = (dims[w_axis].dim_value, dims[h_axis].dim_value)
+    if all(frozen) and frozen != (size.width, size.height):
+        raise BundleError(
+            f"the model's input is fixed at {frozen[0]}x{frozen[1]} but a fixed size of "
+            f"{size.width}x{size.height} was asked for; use --fixed-size "
+            f"{frozen[0]}x{frozen[1]}, or leave --fixed-size out to make the dims dynamic"
+        )
 
 
 def _default_size(dynamic: bool, dims, layout: str) -> SizePolicy:

@@ -7,12 +7,14 @@ does not repair models (that is `exporters.onnx_import`).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -83,7 +85,8 @@ class Thresholds(_Strict):
 
 
 class OnnxFile(_Strict):
-    file: str = "model.onnx"
+    # A plain name inside the bundle directory: a path here could read or write outside it.
+    file: str = Field(default="model.onnx", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
@@ -206,24 +209,39 @@ def unpack_archive(archive: Path, unpack_root: Path | None = None) -> Path:
     if (target / MANIFEST_NAME).is_file():
         return target
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by `with tar` below)
     except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"{archive} is neither a bundle directory nor a bundle archive: {exc}")
+        raise BundleError(
+            f"{archive} is neither a bundle directory nor a bundle archive: {exc}") from None
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unpack.", dir=root))
     try:
         with tar:
             total = 0
-            for member in tar.getmembers():
-                _check_member(archive, member)
-                total += member.size
-                if total > MAX_UNPACKED_BYTES:
-                    raise BundleError(f"{archive}: unpacks to more than {MAX_UNPACKED_BYTES} bytes")
-                source = tar.extractfile(member)
-                assert source is not None  # _check_member admits regular files only
-                with source, open(staging / member.name, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        os.replace(staging, target)
+            try:
+                for member in tar.getmembers():
+                    _check_member(archive, member)
+                    total += member.size
+                    if total > MAX_UNPACKED_BYTES:
+                        raise BundleError(
+                            f"{archive}: unpacks to more than {MAX_UNPACKED_BYTES} bytes")
+                    source = tar.extractfile(member)
+                    assert source is not None  # _check_member admits regular files only
+                    with source, open(staging / member.name, "wb") as out:
+                        shutil.copyfileobj(source, out)
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise BundleError(f"{archive} is damaged (truncated download?): {exc}; "
+                                  "download it again") from None
+        # Checked here so a manifest-less archive never leaves a half bundle in the cache.
+        if not (staging / MANIFEST_NAME).is_file():
+            raise BundleError(f"{archive} is not a bundle archive: it holds no {MANIFEST_NAME}")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process unpacked the same archive first; its copy is as good as ours.
+            if not (target / MANIFEST_NAME).is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

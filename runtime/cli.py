@@ -246,11 +246,13 @@ def demo(source, frames, out_dir, model) -> None:
               help="Latency samples per path (interleaved).")
 @click.option("--seconds", type=float, default=10.0, show_default=True,
               help="Duration of each throughput measurement.")
-def bench(model: str, samples: int, seconds: float) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Daemon TOML config; its [engine] settings apply to both paths.")
+def bench(model: str, samples: int, seconds: float, config_path: Path | None) -> None:
     """Bare engine vs full client->daemon->client path, 640x480 raw frames."""
     from runtime.bench import run_bench
 
-    run_bench(model=model, samples=samples, seconds=seconds)
+    run_bench(model=model, samples=samples, seconds=seconds, config_path=config_path)
 
 
 if __name__ == "__main__":

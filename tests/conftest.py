@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -78,10 +77,9 @@ def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
                  timeout: float = 60.0) -> Daemon:
     endpoint = endpoint or f"ipc://{tmp_path}/sightline.sock"
     log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
-    log_file = open(log_path, "w")
-    process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *args],
-                               stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
-    log_file.close()
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *args],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
     daemon = Daemon(endpoint, process, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

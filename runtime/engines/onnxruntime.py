@@ -43,7 +43,7 @@ _ORT_TYPES = {
 
 
 def choose_providers(requested: tuple[str, ...], available: list[str], has_gpu: bool) -> list[str]:
-    """Requested providers must all exist; otherwise prefer GPU providers only when a GPU is present."""
+    """Requested providers must all exist; else GPU providers are used only with a GPU present."""
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:

@@ -1,0 +1,275 @@
+"""Preprocessing: input sizes, resize transforms and inverses, colour, normalisation, buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.bundle import InputSpec, Preprocess, SizePolicy
+from runtime.preprocess import FrameTransform, Preprocessor, input_size
+
+IDENTITY = dict(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+IMAGENET = dict(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def fixed(width: int, height: int, layout: str = "NCHW") -> InputSpec:
+    return InputSpec(name="image", layout=layout,
+                     size=SizePolicy(mode="fixed", width=width, height=height))
+
+
+def dynamic(layout: str = "NCHW", **size) -> InputSpec:
+    return InputSpec(name="image", layout=layout, size=SizePolicy(mode="dynamic", **size))
+
+
+def uniform(width: int, height: int, color: tuple[int, ...]) -> np.ndarray:
+    if len(color) == 1:
+        return np.full((height, width), color[0], dtype=np.uint8)
+    return np.tile(np.array(color, dtype=np.uint8), (height, width, 1))
+
+
+# -- input sizes ----------------------------------------------------------------------------
+
+
+def test_fixed_size_ignores_the_frame_size():
+    assert input_size(fixed(320, 192), 1920, 1080) == (320, 192)
+    assert input_size(fixed(320, 192), 17, 3000) == (320, 192)
+
+
+@pytest.mark.parametrize(
+    ("multiple_of", "frame", "expected"),
+    [
+        (32, (640, 480), (640, 480)),
+        (32, (500, 300), (512, 320)),
+        (32, (641, 481), (672, 512)),
+        (32, (10, 10), (32, 32)),
+        (64, (500, 300), (512, 320)),
+        (64, (100, 70), (128, 128)),
+        (8, (101, 99), (104, 104)),
+    ],
+)
+def test_dynamic_size_rounds_each_dim_up_to_the_multiple(multiple_of, frame, expected):
+    assert input_size(dynamic(multiple_of=multiple_of), *frame) == expected
+
+
+def test_dynamic_size_shrinks_large_frames_keeping_the_aspect():
+    spec = dynamic(max_width=1920, max_height=1088)
+    assert input_size(spec, 3840, 2160) == (1920, 1088)  # 1920x1080, height rounded up
+    assert input_size(spec, 1000, 4000) == (288, 1088)  # 272x1088, width rounded up
+
+
+@pytest.mark.parametrize("max_size", [(1920, 1088), (640, 640), (1280, 720)])
+def test_dynamic_size_never_exceeds_the_maximum(max_size):
+    # Widths like 2094 used to round 1920.0000000000002 up to 1952.
+    max_w, max_h = max_size
+    spec = dynamic(max_width=max_w, max_height=max_h)
+    for width in range(max_w - 40, 3 * max_w, 7):
+        for height in (max_h // 2, max_h + 1, 2 * max_h + 3):
+            in_w, in_h = input_size(spec, width, height)
+            assert in_w <= max_w and in_h <= max_h, (width, height, in_w, in_h)
+            assert in_w % 32 == 0 and in_h % 32 == 0
+
+
+# -- resize transforms ----------------------------------------------------------------------
+
+
+def content_extent(tensor: np.ndarray, pad: float) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) of the non-pad region of a 1-channel-or-more NCHW tensor."""
+    content = np.any(tensor[0] != pad, axis=0)
+    rows, cols = np.nonzero(content.any(axis=1))[0], np.nonzero(content.any(axis=0))[0]
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+@pytest.mark.parametrize(
+    ("source", "model"),
+    [
+        ((200, 100), (64, 64)),  # exact ratio 0.32, pad top and bottom
+        ((100, 200), (64, 64)),  # pad left and right
+        ((500, 300), (512, 320)),  # 300 * 1.024 = 307.2 rounds to 307
+        ((333, 777), (96, 64)),
+        ((1280, 720), (640, 640)),
+        ((2, 1000), (64, 64)),  # narrower than one model pixel
+    ],
+)
+def test_letterbox_inverse_maps_the_content_edges_onto_the_source_edges(source, model):
+    src_w, src_h = source
+    pre = Preprocess(color="rgb", resize="letterbox", pad_value=114, **IDENTITY)
+    tensor, transform = Preprocessor(fixed(*model), pre)(uniform(src_w, src_h, (200, 10, 60)),
+                                                         "rgb")
+    x1, y1, x2, y2 = content_extent(tensor, 114.0)
+    sx, sy = transform.to_source(np.array([x1, x2], float), np.array([y1, y2], float))
+    assert sx.tolist() == pytest.approx([0, src_w], abs=1e-9)
+    assert sy.tolist() == pytest.approx([0, src_h], abs=1e-9)
+    # The padding is split evenly (to within a pixel) and the aspect is kept.
+    in_w, in_h = model
+    assert abs(x1 - (in_w - x2)) <= 1 and abs(y1 - (in_h - y2)) <= 1
+    assert x1 == 0 or y1 == 0
+
+
+def test_letterbox_transform_values_for_a_wide_frame():
+    transform = Preprocessor(fixed(640, 640), Preprocess())(uniform(1280, 720, (1, 2, 3)),
+                                                            "bgr")[1]
+    assert transform == FrameTransform(0.5, 0.5, 0.0, 140.0, 1280, 720, 640, 640)
+    sx, sy = transform.to_source(np.array([0.0, 320.0, 640.0]), np.array([140.0, 320.0, 500.0]))
+    assert sx.tolist() == [0.0, 640.0, 1280.0]
+    assert sy.tolist() == [0.0, 360.0, 720.0]
+
+
+def test_points_in_the_padding_clip_to_the_frame_edge():
+    transform = FrameTransform(0.5, 0.5, 0.0, 140.0, 1280, 720, 640, 640)
+    sx, sy = transform.to_source(np.array([-5.0, 700.0]), np.array([0.0, 640.0]))
+    assert sx.tolist() == [0.0, 1280.0] and sy.tolist() == [0.0, 720.0]
+
+
+def test_stretch_scales_each_axis_and_inverts_exactly():
+    pre = Preprocess(resize="stretch", **IDENTITY)
+    tensor, transform = Preprocessor(fixed(64, 64), pre)(uniform(100, 50, (9, 9, 9)), "rgb")
+    assert transform == FrameTransform(0.64, 1.28, 0.0, 0.0, 100, 50, 64, 64)
+    assert np.all(tensor == 9.0)  # no padding anywhere
+    sx, sy = transform.to_source(np.array([0.0, 32.0, 64.0]), np.array([0.0, 16.0, 64.0]))
+    assert sx.tolist() == pytest.approx([0.0, 50.0, 100.0])
+    assert sy.tolist() == pytest.approx([0.0, 12.5, 50.0])
+
+
+def test_transform_inverse_undoes_the_forward_map():
+    rng = np.random.default_rng(1)
+    transform = FrameTransform(0.37, 0.41, 3.0, 17.0, 1000, 700, 384, 320)
+    xs, ys = rng.uniform(0, 1000, 50), rng.uniform(0, 700, 50)
+    sx, sy = transform.to_source(xs * 0.37 + 3.0, ys * 0.41 + 17.0)
+    np.testing.assert_allclose(sx, xs, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(sy, ys, rtol=0, atol=1e-9)
+
+
+def test_frame_already_at_the_input_size_is_not_resized():
+    image = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    tensor, transform = Preprocessor(fixed(96, 64), Preprocess(**IDENTITY))(image, "rgb")
+    assert transform == FrameTransform(1.0, 1.0, 0.0, 0.0, 96, 64, 96, 64)
+    np.testing.assert_array_equal(tensor[0], image.transpose(2, 0, 1))
+
+
+def test_dynamic_letterbox_pads_to_the_rounded_size():
+    tensor, transform = Preprocessor(dynamic(), Preprocess(**IDENTITY))(
+        uniform(500, 300, (1, 1, 1)), "rgb")
+    assert tensor.shape == (1, 3, 320, 512)
+    assert (transform.pad_x, transform.pad_y) == (0.0, 6.0)
+
+
+# -- colour ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source_color", "model_color", "expected"),
+    [
+        ("bgr", "rgb", [30, 20, 10]),
+        ("rgb", "bgr", [30, 20, 10]),
+        ("bgr", "bgr", [10, 20, 30]),
+        ("rgb", "rgb", [10, 20, 30]),
+    ],
+)
+def test_channel_order_is_converted_to_the_models(source_color, model_color, expected):
+    pre = Preprocess(color=model_color, **IDENTITY)
+    tensor, _ = Preprocessor(fixed(8, 4), pre)(uniform(8, 4, (10, 20, 30)), source_color)
+    assert tensor.shape == (1, 3, 4, 8)
+    for channel, value in enumerate(expected):
+        assert np.all(tensor[0, channel] == value)
+
+
+@pytest.mark.parametrize("source_color", ["bgr", "rgb"])
+def test_colour_frame_into_gray_model_uses_luma_of_the_right_channels(source_color):
+    # B=10, G=20, R=30: luma 0.299 R + 0.587 G + 0.114 B = 21.85. Reading the channels in
+    # the wrong order would give 18.15.
+    pixel = (10, 20, 30) if source_color == "bgr" else (30, 20, 10)
+    pre = Preprocess(color="gray", scale=1.0, mean=(0.0,), std=(1.0,))
+    tensor, _ = Preprocessor(fixed(8, 4), pre)(uniform(8, 4, pixel), source_color)
+    assert tensor.shape == (1, 1, 4, 8)
+    assert np.all(tensor == 22.0)
+
+
+def test_gray_frame_into_colour_model_fills_every_channel():
+    tensor, _ = Preprocessor(fixed(8, 4), Preprocess(**IDENTITY))(uniform(8, 4, (77,)), "gray")
+    assert tensor.shape == (1, 3, 4, 8)
+    assert np.all(tensor == 77.0)
+
+
+def test_gray_frame_into_gray_model_is_copied_as_is():
+    image = np.random.default_rng(3).integers(0, 256, (12, 16), dtype=np.uint8)
+    pre = Preprocess(color="gray", scale=1.0, mean=(0.0,), std=(1.0,))
+    tensor, _ = Preprocessor(fixed(16, 12), pre)(image, "gray")
+    np.testing.assert_array_equal(tensor, image[None, None].astype(np.float32))
+
+
+# -- normalisation and layout ----------------------------------------------------------------
+
+
+def reference(image_rgb: np.ndarray, scale: float, mean, std) -> np.ndarray:
+    """(pixel * scale - mean) / std in float64, HWC."""
+    return (image_rgb.astype(np.float64) * scale - np.array(mean)) / np.array(std)
+
+
+@pytest.mark.parametrize("source_color", ["rgb", "bgr"])
+def test_mean_std_scale_match_a_numpy_reference_nchw(source_color):
+    image = np.random.default_rng(4).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    rgb = image if source_color == "rgb" else image[:, :, ::-1]
+    tensor, _ = Preprocessor(fixed(80, 48), Preprocess(color="rgb", **IMAGENET))(
+        image, source_color)
+    assert tensor.dtype == np.float32 and tensor.shape == (1, 3, 48, 80)
+    expected = reference(rgb, **IMAGENET).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(tensor, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mean_std_scale_match_a_numpy_reference_nhwc():
+    image = np.random.default_rng(5).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    pre = Preprocess(color="bgr", scale=0.5, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 8.0))
+    tensor, _ = Preprocessor(fixed(80, 48, layout="NHWC"), pre)(image, "bgr")
+    assert tensor.shape == (1, 48, 80, 3)
+    expected = reference(image, 0.5, (10.0, 20.0, 30.0), (2.0, 4.0, 8.0))[None]
+    np.testing.assert_allclose(tensor, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gray_nhwc_tensor_has_one_trailing_channel():
+    image = np.random.default_rng(6).integers(0, 256, (12, 16), dtype=np.uint8)
+    pre = Preprocess(color="gray", scale=2.0, mean=(1.0,), std=(4.0,))
+    tensor, _ = Preprocessor(fixed(16, 12, layout="NHWC"), pre)(image, "gray")
+    assert tensor.shape == (1, 12, 16, 1)
+    np.testing.assert_allclose(tensor[0, :, :, 0], (image * 2.0 - 1.0) / 4.0, rtol=1e-6)
+
+
+def test_padding_is_normalised_like_pixels():
+    pre = Preprocess(color="rgb", resize="letterbox", pad_value=114, **IMAGENET)
+    tensor, _ = Preprocessor(fixed(64, 64), pre)(uniform(200, 100, (0, 0, 0)), "rgb")
+    expected = (114 / 255 - np.array(IMAGENET["mean"])) / np.array(IMAGENET["std"])
+    np.testing.assert_allclose(tensor[0, :, 0, 0], expected, rtol=1e-6, atol=1e-6)  # top pad
+    np.testing.assert_allclose(tensor[0, :, 32, 32], -np.array(IMAGENET["mean"])
+                               / np.array(IMAGENET["std"]), rtol=1e-6, atol=1e-6)  # black
+
+
+def test_source_frame_is_not_modified():
+    image = np.random.default_rng(7).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    before = image.copy()
+    Preprocessor(fixed(80, 48), Preprocess(**IMAGENET))(image, "bgr")
+    np.testing.assert_array_equal(image, before)
+
+
+# -- buffers --------------------------------------------------------------------------------
+
+
+def test_consecutive_frames_get_different_buffers():
+    # The engine may still be reading the previous tensor while the next one is built.
+    preprocess = Preprocessor(fixed(32, 32), Preprocess(**IDENTITY))
+    first, _ = preprocess(uniform(32, 32, (1, 1, 1)), "rgb")
+    second, _ = preprocess(uniform(32, 32, (2, 2, 2)), "rgb")
+    assert not np.shares_memory(first, second)
+    assert np.all(first == 1.0) and np.all(second == 2.0)
+
+
+def test_buffers_are_reused_in_steady_state():
+    preprocess = Preprocessor(fixed(32, 32), Preprocess(**IDENTITY))
+    tensors = [preprocess(uniform(32, 32, (i, i, i)), "rgb")[0] for i in range(4)]
+    assert tensors[2] is tensors[0] and tensors[3] is tensors[1]
+
+
+def test_each_input_size_gets_buffers_of_its_own_shape():
+    preprocess = Preprocessor(dynamic(), Preprocess(**IDENTITY))
+    small, _ = preprocess(uniform(64, 32, (1, 1, 1)), "rgb")
+    large, _ = preprocess(uniform(128, 96, (2, 2, 2)), "rgb")
+    assert small.shape == (1, 3, 32, 64) and large.shape == (1, 3, 96, 128)
+    assert np.all(small == 1.0) and np.all(large == 2.0)
