@@ -157,13 +157,13 @@ def make_dims_dynamic(model: onnx.ModelProto, layout: str, spatial: bool) -> lis
     return [f"made input dims dynamic (were {', '.join(frozen)})"] if frozen else []
 
 
-def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    before = len(model.graph.value_info)
+def infer_shapes(model: onnx.ModelProto, known: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Run ONNX shape inference; `known` is how many tensors had shapes in the source file."""
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
         raise BundleError(f"shape inference failed: {exc}") from None
-    added = len(inferred.graph.value_info) - before
+    added = len(inferred.graph.value_info) - known
     return inferred, ([f"added shape information for {added} tensors"] if added > 0 else [])
 
 
@@ -238,6 +238,7 @@ def default_output_roles(task: Task, output_shapes: dict[str, tuple[int, ...]]) 
 
 def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportResult:
     model = load_model(source)
+    known_shapes = len(model.graph.value_info)
     repairs = drop_initializer_inputs(model) + drop_unused_initializers(model)
     tensor_input = image_input(model)
     dims = tensor_input.type.tensor_type.shape.dim
@@ -246,7 +247,7 @@ def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportRe
     size = options.size or _default_size(options.dynamic, dims, options.layout)
     _check_fixed_size(size, dims, options.layout)
     repairs += make_dims_dynamic(model, options.layout, spatial=size.mode == "dynamic")
-    model, shape_repairs = infer_shapes(model)
+    model, shape_repairs = infer_shapes(model, known_shapes)
     repairs += shape_repairs
     check_model(model)
 

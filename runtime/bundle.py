@@ -180,9 +180,15 @@ def write_bundle(directory: Path, manifest: Manifest, onnx_bytes: bytes) -> Bund
     try:
         (staging / manifest.onnx.file).write_bytes(onnx_bytes)
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
+        # mkdtemp makes 0700 directories; a daemon running as another user must read bundles.
+        os.chmod(staging, 0o755)
+        retired = None
+        if directory.exists():  # move the old bundle aside, so the gap without one is a rename
+            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, retired / directory.name)
         os.replace(staging, directory)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

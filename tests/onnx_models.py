@@ -90,8 +90,8 @@ def conv_relu_model(
     return _model(graph, opset=opset, ir_version=ir_version)
 
 
-def conv_relu_reference(image_nchw: np.ndarray) -> np.ndarray:
-    """What `conv_relu_model` computes, written out in numpy."""
+def conv_reference(image_nchw: np.ndarray, relu: bool = True) -> np.ndarray:
+    """What `conv_relu_model` computes (its Conv alone with relu=False), written out in numpy."""
     weight, bias = conv_weights(image_nchw.shape[1])
     _, _, height, width = image_nchw.shape
     padded = np.pad(image_nchw.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -101,7 +101,7 @@ def conv_relu_reference(image_nchw: np.ndarray) -> np.ndarray:
             window = padded[:, :, dy:dy + height, dx:dx + width]
             out += np.einsum("nchw,oc->nohw", window, weight[:, :, dy, dx].astype(np.float64))
     out += bias[None, :, None, None]
-    return np.maximum(out, 0).astype(np.float32)
+    return (np.maximum(out, 0) if relu else out).astype(np.float32)
 
 
 def conv_pool_model(*, batch: int | str = 10, height: int | str = 32,
