@@ -125,3 +125,44 @@ def test_stage_timestamps_allow_latency_math(daemon, astronaut_640x480):
     stamps = reply.stamps
     assert 0 < stamps["sent"] - stamps["received"] < reply.round_trip_s + 1.0
     assert np.isfinite(list(stamps.values())).all()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_daemon_memory_stays_bounded_however_fast_clients_send(daemon, astronaut_640x480):
+    import msgpack
+    import zmq
+
+    with Client(daemon.endpoint, max_in_flight=1) as warm:  # load the model, touch buffers
+        assert warm.wait_connected(10)
+        for _ in range(3):
+            warm.send(astronaut_640x480)
+            assert warm.recv(10).ok
+    baseline = _rss_mb(daemon.process.pid)
+    payload = astronaut_640x480.tobytes()
+    floods = []
+    for _ in range(3):
+        socket = zmq.Context.instance().socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 100_000)
+        socket.connect(daemon.endpoint)
+        floods.append(socket)
+    # 3 clients x 150 frames x 900 KB = 400 MB offered, never reading a reply.
+    for seq in range(150):
+        header = msgpack.packb({"v": 1, "seq": seq, "w": 640, "h": 480, "enc": "bgr8"})
+        for socket in floods:
+            socket.send_multipart([header, payload], copy=False)
+    time.sleep(3)
+    peak = _rss_mb(daemon.process.pid)
+    for socket in floods:
+        socket.close()
+    assert peak - baseline < 120, f"daemon RSS grew from {baseline:.0f} to {peak:.0f} MB"
+    with Client(daemon.endpoint, max_in_flight=1) as client:
+        assert client.wait_connected(10)
+        client.send(astronaut_640x480)
+        assert client.recv(10).ok
