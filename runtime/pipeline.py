@@ -140,6 +140,12 @@ class ModelPipeline:
             self.counters.add("errors")
             replies.send_multipart([client, encode_error(job.header.seq, exc.code, exc.message)])
             return None
+        except Exception as exc:  # a bug must cost one frame, never the model's thread
+            log.exception("preprocessing failed on a frame for %s", self.bundle.name)
+            self.counters.add("errors")
+            replies.send_multipart([client, encode_error(
+                job.header.seq, ErrorCode.INTERNAL, f"preprocessing failed: {exc}")])
+            return None
         stamps = {"received": job.received, "decoded": decoded, "preprocessed": time.time()}
         return _Prepared(client, job, tensor, transform, stamps)
 
@@ -171,6 +177,11 @@ class ModelPipeline:
                     log.error("model %s failed on a frame: %s", manifest.name, exc)
                     self.counters.add("errors")
                     reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL, str(exc))
+                except Exception as exc:  # a decoder bug must cost one frame, not the thread
+                    log.exception("model %s failed on a frame", manifest.name)
+                    self.counters.add("errors")
+                    reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL,
+                                         f"output decoding failed: {exc}")
                 replies.send_multipart([item.client, reply])
         finally:
             replies.close()

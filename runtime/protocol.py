@@ -94,7 +94,9 @@ def parse_header(raw: bytes | memoryview) -> FrameHeader | PingHeader:
             f"protocol version {version!r} is not supported; "
             f"this daemon speaks v{PROTOCOL_VERSION}",
         )
-    kind = header.get("type", "frame")
+    kind = header.get("type")
+    if kind is None:  # nil counts as absent, as for every other optional field
+        kind = "frame"
     seq = _field(header, "seq", int)
     if kind == "ping":
         return PingHeader(seq)

@@ -20,7 +20,7 @@ import zmq
 from runtime.bundle import Bundle
 from runtime.config import ServeConfig
 from runtime.engines import open_engine
-from runtime.errors import ProtocolError
+from runtime.errors import ConfigError, ProtocolError
 from runtime.pipeline import FrameJob, ModelPipeline
 from runtime.protocol import (
     MAX_HEADER_BYTES,
@@ -59,7 +59,8 @@ class Server:
         self._pipelines: dict[str, ModelPipeline] = {}
         for bundle in bundles:
             if bundle.name in self._pipelines:
-                raise ValueError(f"two bundles are named {bundle.name!r}")
+                raise ConfigError(f"two models are named {bundle.name!r}; a daemon serves each "
+                                  "name once (re-import one with another --name)")
             engine = open_engine(bundle.onnx_path, config.engine)
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s)

@@ -81,7 +81,8 @@ def test_minimal_frame_header_defaults_type_ts_and_optional_fields():
 
 
 def test_optional_fields_sent_as_nil_count_as_absent():
-    header = parse_header(pack(frame(ts=None, model=None, pose=None, intrinsics=None)))
+    header = parse_header(pack(frame(type=None, ts=None, model=None, pose=None,
+                                     intrinsics=None)))
     assert (header.capture_ts, header.model, header.pose, header.intrinsics) == (0.0, None,
                                                                                   None, None)
 

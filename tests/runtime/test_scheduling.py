@@ -4,6 +4,7 @@ one reply per frame, and client reconnection after a daemon restart."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def test_stage_timestamps_allow_latency_math(daemon, astronaut_640x480):
 
 
 def _rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
