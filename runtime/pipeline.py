@@ -93,7 +93,17 @@ class ModelPipeline:
     def forget(self, client: bytes) -> None:
         self._slots.forget(client)
 
-    def start(self) -> None:
+    def start(self, warm_up_size: tuple[int, int] | None = (640, 480)) -> None:
+        """Start the threads, after one inference on a blank frame of `warm_up_size`.
+
+        ONNX Runtime's first runs allocate and tune (hundreds of ms here); a headset's first
+        frames should not pay for that.
+        """
+        if warm_up_size is not None:
+            width, height = warm_up_size
+            tensor, _ = self._preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
+            for _ in range(2):
+                self.engine.infer({self._input_name: tensor})
         for thread in self._threads:
             thread.start()
 
