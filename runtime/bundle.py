@@ -95,6 +95,8 @@ class Manifest(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str = Field(min_length=1)
     task: Task
+    # Precision lives in the ONNX graph itself (FP16 casts, INT8 Q/DQ nodes); this says which.
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     input: InputSpec
     preprocess: Preprocess
     # Output decoding: task role (e.g. "heatmap") -> ONNX output tensor name.
