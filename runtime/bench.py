@@ -22,7 +22,7 @@ from rich.table import Table
 
 from runtime.client import Client, Reply, query_info
 from runtime.config import load_config
-from runtime.engines import open_engine
+from runtime.engines import open_bundle_engine
 from runtime.errors import SightlineError
 from runtime.latency import latency_table, percentiles, stage_durations_ms
 from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset, resolve_bundle
@@ -40,7 +40,7 @@ def run_bench(*, model: str, samples: int, seconds: float, config_path: Path | N
     frame = cv2.resize(cv2.imread(str(fetch_asset(ASTRONAUT_PNG))), (640, 480))
     tensor, _ = Preprocessor(bundle.manifest.input, bundle.manifest.preprocess)(frame, "bgr")
     tensor = tensor.copy()
-    engine = open_engine(bundle.onnx_path, config.engine)
+    engine = open_bundle_engine(bundle, config.engine)
     feeds = {bundle.manifest.input.name: tensor}
     console.print(f"model {bundle.name}@{bundle.version} on {engine.provider}; 640x480 BGR frames")
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from runtime import __version__
 from runtime.errors import SightlineError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # never break an error line
 
 
 class _Group(click.Group):
@@ -26,7 +27,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SightlineError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            # escape: messages contain brackets like sightline[tensorrt] that rich would eat
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             sys.exit(2)
 
 
@@ -253,6 +255,48 @@ def bench(model: str, samples: int, seconds: float, config_path: Path | None) ->
     from runtime.bench import run_bench
 
     run_bench(model=model, samples=samples, seconds=seconds, config_path=config_path)
+
+
+@main.command("compile")
+@click.argument("bundle")
+@click.option("--dla", "dla_core", type=int, help="Build for this DLA core (Jetson), GPU fallback.")
+@click.option("--workspace", "workspace_mb", type=int, default=1024, show_default=True,
+              help="TensorRT builder workspace, MB.")
+@click.option("--frame-size", default="640x480", show_default=True, metavar="WxH",
+              help="Frame size the dynamic-shape profile is optimised for.")
+@click.option("--force", is_flag=True, help="Rebuild even if the engine cache has it.")
+def compile_command(bundle: str, dla_core, workspace_mb, frame_size, force) -> None:
+    """Compile a bundle's ONNX to a TensorRT engine for this GPU (cached per device)."""
+    from exporters.tensorrt_build import CompileOptions, compile_bundle
+    from runtime.engine_cache import EngineCache
+    from runtime.model_zoo import cache_dir, resolve_bundle
+
+    loaded = resolve_bundle(bundle)
+    options = CompileOptions(workspace_mb=workspace_mb, dla_core=dla_core,
+                             frame_size=_parse_size(frame_size, "--frame-size"), force=force)
+    record = compile_bundle(loaded, EngineCache(cache_dir() / "engines"), options,
+                            console=err_console)
+    target = record.key.target
+    click.echo(f"engine for {loaded.name}@{loaded.version} ({record.key.precision}) on "
+               f"{target.gpu_name} {target.compute_capability}, TensorRT "
+               f"{target.tensorrt_version}: {record.path}")
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--variant", "variants", multiple=True, metavar="BUNDLE",
+              help="Extra bundle variants (default: BUNDLE-fp16 and BUNDLE-int8 beside it).")
+@click.option("--inputs", type=int, default=4, show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True)
+def compare(bundle: str, variants, inputs: int, repeats: int) -> None:
+    """Run a bundle and its variants through every backend here; errors and latency."""
+    from runtime.compare import compare as run_compare
+    from runtime.compare import find_variants, load_variants
+    from runtime.model_zoo import resolve_bundle
+
+    loaded = resolve_bundle(bundle)
+    extra = load_variants([Path(v) for v in variants]) if variants else find_variants(loaded)
+    run_compare(loaded, extra, inputs=inputs, repeats=repeats)
 
 
 if __name__ == "__main__":

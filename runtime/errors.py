@@ -33,3 +33,7 @@ class ProtocolError(SightlineError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class EngineMismatch(EngineError):
+    """A compiled engine is not valid for this GPU / TensorRT version / bundle."""

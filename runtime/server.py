@@ -19,7 +19,7 @@ import zmq
 
 from runtime.bundle import Bundle
 from runtime.config import ServeConfig
-from runtime.engines import open_engine
+from runtime.engines import open_bundle_engine
 from runtime.errors import ConfigError, ProtocolError
 from runtime.pipeline import FrameJob, ModelPipeline
 from runtime.protocol import (
@@ -61,7 +61,7 @@ class Server:
             if bundle.name in self._pipelines:
                 raise ConfigError(f"two models are named {bundle.name!r}; a daemon serves each "
                                   "name once (re-import one with another --name)")
-            engine = open_engine(bundle.onnx_path, config.engine)
+            engine = open_bundle_engine(bundle, config.engine)
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s)
         self.default_model = bundles[0].name
