@@ -64,7 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sl-overhead-") as tmp:
         endpoint = f"ipc://{tmp}/d.sock"
         daemon = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--log-level", "warning",
-                                   "serve", "--bind", endpoint], stdout=subprocess.DEVNULL)
+                                   "serve", "--plain", "--bind", endpoint],
+                                  stdout=subprocess.DEVNULL)
         try:
             while query_info(endpoint, 0.5) is None:
                 time.sleep(0.1)

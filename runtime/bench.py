@@ -68,8 +68,8 @@ def run_bench(*, model: str, samples: int, seconds: float, config_path: Path | N
 def _start_daemon(endpoint: str, bundle_dir: Path, config_path: Path | None) -> subprocess.Popen:
     config_args = ["--config", str(config_path)] if config_path else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "serve", "--bind",
-         endpoint, "--model", str(bundle_dir), *config_args],
+        [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "serve", "--plain",
+         "--bind", endpoint, "--model", str(bundle_dir), *config_args],
         stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from runtime.protocol import decode_reply, detections_from_reply, encode_request
 from runtime.results import Detection, tensor_from_wire
+from runtime.security import load_public_key, make_curve_client
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()
@@ -91,8 +93,16 @@ class Client:
         on_reply: Callable[[Reply], None] | None = None,
         context: zmq.Context | None = None,
         max_queued_replies: int = 256,
+        server_key: bytes | str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
+        """`server_key`: the daemon's public key (Z85 bytes, or its .key file) and
+        `client_key`: this headset's .key_secret file, for a CURVE daemon. The daemon is
+        verified by its key: a daemon without the matching secret cannot complete the
+        handshake, so nothing is sent to an impostor (no trust on first use).
+        """
         self.endpoint = endpoint
+        self._curve = curve_options(server_key, client_key)
         self.model = model
         self.max_in_flight = max_in_flight
         self.reply_timeout = reply_timeout
@@ -214,6 +224,7 @@ class Client:
         dealer.setsockopt(zmq.IMMEDIATE, 1)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        apply_curve(dealer, self._curve)
         monitor = dealer.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         dealer.connect(self.endpoint)
@@ -315,12 +326,34 @@ class Client:
             self._replies.put_nowait(reply)
 
 
-def query_info(endpoint: str, timeout: float = 2.0,
-               context: zmq.Context | None = None) -> dict[str, Any] | None:
+def curve_options(server_key: bytes | str | Path | None,
+                  client_key: str | Path | None) -> tuple[bytes, Path] | None:
+    """Validate the CURVE pair a client needs: both or neither."""
+    if server_key is None and client_key is None:
+        return None
+    if server_key is None or client_key is None:
+        raise ValueError("a CURVE daemon needs both server_key (its public key) and "
+                         "client_key (this headset's .key_secret file)")
+    if isinstance(server_key, Path) or (isinstance(server_key, str) and len(server_key) != 40):
+        server_key = load_public_key(Path(server_key))
+    elif isinstance(server_key, str):
+        server_key = server_key.encode()
+    return server_key, Path(client_key)
+
+
+def apply_curve(socket: zmq.Socket, curve: tuple[bytes, Path] | None) -> None:
+    if curve is not None:
+        make_curve_client(socket, curve[0], curve[1])
+
+
+def query_info(endpoint: str, timeout: float = 2.0, context: zmq.Context | None = None,
+               server_key: bytes | str | Path | None = None,
+               client_key: str | Path | None = None) -> dict[str, Any] | None:
     """Ping a daemon; return its pong (served models) or None if it does not answer."""
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
+    apply_curve(socket, curve_options(server_key, client_key))
     try:
         socket.connect(endpoint)
         socket.send(encode_request({"type": "ping", "seq": 0}))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -34,9 +34,11 @@ class ServerSettings(BaseModel):
     max_width: int = Field(default=4096, gt=0)
     max_height: int = Field(default=4096, gt=0)
     # A client silent for this long is forgotten (its slot and counters freed).
-    client_timeout_s: float = Field(default=60.0, gt=0)
+    client_timeout_s: float = Field(default=10.0, gt=0)
     # Replies queued per client before ZeroMQ drops them for a client that does not read.
     reply_hwm: int = Field(default=64, gt=0)
+    # Frames per second one client may send; the excess gets RATE_LIMITED error replies.
+    max_fps_per_client: float = Field(default=120.0, gt=0)
 
     @field_validator("endpoints")
     @classmethod
@@ -49,10 +51,30 @@ class ServerSettings(BaseModel):
         return value
 
 
+class SecuritySettings(BaseModel):
+    """The headset link: CURVE (encrypted, enrolled headsets only) unless `plain` is chosen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "plain" (no encryption, anyone may connect) exists for development only.
+    mode: Literal["curve", "plain"] = "curve"
+    # Directory holding daemon.key_secret and headsets/ (the allow-list).
+    # Default: $SIGHTLINE_KEYS_DIR or ~/.config/sightline/keys.
+    keys_dir: str | None = None
+    # A peer that has not finished the CURVE handshake by then is disconnected.
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+
+    def resolved_keys_dir(self) -> Path:
+        from runtime.security import keys_dir
+
+        return Path(self.keys_dir) if self.keys_dir else keys_dir()
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     server: ServerSettings = ServerSettings()
+    security: SecuritySettings = SecuritySettings()
     engine: EngineSettings = EngineSettings()
     # Bundle directories/archives, or "centerface" for the built-in default model.
     # The first one serves frames whose header names no model.

@@ -20,11 +20,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from runtime.client import Client, Reply
-from runtime.config import ServeConfig, ServerSettings
+from runtime.config import SecuritySettings, ServeConfig, ServerSettings
 from runtime.errors import SightlineError
 from runtime.latency import latency_table, stage_durations_ms
 from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset, resolve_bundle
 from runtime.overlay import draw_detections
+from runtime.security import DAEMON_KEY_NAME, HEADSETS_DIR, create_keypair, enroll
 from runtime.server import Server
 
 FRAME_SIZE = (640, 480)
@@ -75,14 +76,22 @@ def run_demo(*, source: str | None, frames: int, out_dir: Path, model: str = "ce
 
     with tempfile.TemporaryDirectory(prefix="sightline-demo-") as tmp:
         endpoint = f"ipc://{tmp}/demo.sock"
-        config = ServeConfig(server=ServerSettings(endpoints=(endpoint,)))
+        # The demo uses the real link: a throw-away daemon keypair and one enrolled headset.
+        keys = Path(tmp) / "keys"
+        daemon_public, _ = create_keypair(keys, DAEMON_KEY_NAME)
+        headset_public, headset_secret = create_keypair(Path(tmp) / "headset", "demo-headset")
+        enroll(headset_public, keys / HEADSETS_DIR)
+        config = ServeConfig(server=ServerSettings(endpoints=(endpoint,)),
+                             security=SecuritySettings(keys_dir=str(keys)))
         server = Server(config, [bundle])
         server.bind()
         stop = threading.Event()
         io_thread = threading.Thread(target=server.serve, args=(stop,), name="sightline-io")
         io_thread.start()
+        console.print("link: CurveZMQ, encrypted; headset authenticated by its enrolled key")
         try:
-            replies, elapsed = _stream(endpoint, sequence, fps, console)
+            replies, elapsed = _stream(endpoint, sequence, fps, console,
+                                       {"server_key": daemon_public, "client_key": headset_secret})
         finally:
             stop.set()
             io_thread.join()
@@ -91,8 +100,8 @@ def run_demo(*, source: str | None, frames: int, out_dir: Path, model: str = "ce
     return summary
 
 
-def _stream(endpoint: str, sequence: list[np.ndarray], fps: float,
-            console: Console) -> tuple[dict[int, Reply], float]:
+def _stream(endpoint: str, sequence: list[np.ndarray], fps: float, console: Console,
+            keys: dict) -> tuple[dict[int, Reply], float]:
     replies: dict[int, Reply] = {}
     seq_to_index: dict[int, int] = {}
     done = threading.Event()
@@ -103,7 +112,7 @@ def _stream(endpoint: str, sequence: list[np.ndarray], fps: float,
         if len(replies) == len(sequence):
             done.set()
 
-    with Client(endpoint, max_in_flight=2, on_reply=on_reply) as client:
+    with Client(endpoint, max_in_flight=2, on_reply=on_reply, **keys) as client:
         if not client.wait_connected(10):
             raise SightlineError(f"the demo daemon at {endpoint} did not accept a connection")
         columns = (TextColumn("streaming"), BarColumn(), MofNCompleteColumn(),

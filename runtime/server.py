@@ -32,10 +32,36 @@ from runtime.protocol import (
     parse_header,
     peek_seq,
 )
+from runtime.security import (
+    DAEMON_KEY_NAME,
+    HEADSETS_DIR,
+    HeadsetAuthenticator,
+    make_curve_server,
+)
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()
 POLL_MS = 100
+
+
+class RateLimiter:
+    """Token bucket: `rate` frames per second on average, bursts of up to one second's worth."""
+
+    __slots__ = ("rate", "tokens", "last")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 @dataclass
@@ -66,6 +92,8 @@ class Server:
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s)
         self.default_model = bundles[0].name
         self._clients: dict[bytes, float] = {}  # identity -> last seen (I/O thread only)
+        self._rates: dict[bytes, RateLimiter] = {}
+        self._authenticator: HeadsetAuthenticator | None = None
         self._router: zmq.Socket | None = None
         self._replies: zmq.Socket | None = None
         self.endpoints: list[str] = []
@@ -84,6 +112,7 @@ class Server:
         # slots then bound memory regardless of client send rate.
         router.setsockopt(zmq.RCVHWM, 8)
         router.setsockopt(zmq.SNDHWM, settings.reply_hwm)
+        self._secure(router)
         self._replies = self._context.socket(zmq.PULL)
         self._replies.setsockopt(zmq.LINGER, 0)
         self._replies.bind(self._reply_endpoint)
@@ -94,11 +123,33 @@ class Server:
         except zmq.ZMQError as exc:
             router.close()
             self._replies.close()
+            if self._authenticator is not None:
+                self._authenticator.stop()
             raise OSError(f"cannot bind {endpoint}: {exc}") from exc
         self._router = router
         for pipeline in self._pipelines.values():
             pipeline.start()
         return self.endpoints
+
+    def _secure(self, router: zmq.Socket) -> None:
+        security = self.config.security
+        if security.mode == "plain":
+            log.warning("PLAIN MODE: the headset link is neither encrypted nor authenticated; "
+                        "any process that reaches %s can stream frames. Development only.",
+                        ", ".join(self.config.server.endpoints))
+            return
+        keys = security.resolved_keys_dir()
+        secret = keys / f"{DAEMON_KEY_NAME}.key_secret"
+        if not secret.is_file():
+            router.close()
+            raise ConfigError(
+                f"no daemon key at {secret}: create one with `sightline keys daemon` (and "
+                "enrol headsets with `sightline keys headset NAME`), or set security.mode = "
+                '"plain" / pass --plain for development')
+        make_curve_server(router, secret)
+        router.setsockopt(zmq.HANDSHAKE_IVL, int(security.handshake_timeout_s * 1000))
+        self._authenticator = HeadsetAuthenticator(self._context, keys / HEADSETS_DIR)
+        self._authenticator.start()
 
     def serve(self, stop: threading.Event) -> None:
         """Run the I/O loop until `stop` is set, then shut everything down cleanly."""
@@ -117,6 +168,8 @@ class Server:
                     self._read_requests()
                 if time.monotonic() >= next_sweep:
                     self._forget_idle_clients()
+                    if self._authenticator is not None:
+                        self._authenticator.refresh()  # revocations apply without a restart
                     next_sweep = time.monotonic() + 1.0
         finally:
             self.close()
@@ -128,6 +181,9 @@ class Server:
             if socket is not None:
                 socket.close()
         self._router = self._replies = None
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
 
     # -- I/O thread internals -------------------------------------------------------
     def _forward_replies(self) -> None:
@@ -148,23 +204,28 @@ class Server:
             received = time.time()
             client = parts[0].bytes
             try:
-                self._handle(client, parts[1:], received)
+                self._handle(parts[0], client, parts[1:], received)
             except ProtocolError as exc:
                 self.counters.errors[exc.code] += 1
                 seq = peek_seq(parts[1].buffer) if len(parts) > 1 else None
                 self._send(client, encode_error(seq, exc.code, exc.message))
 
-    def _handle(self, client: bytes, parts: list[zmq.Frame], received: float) -> None:
+    def _handle(self, identity: zmq.Frame, client: bytes, parts: list[zmq.Frame],
+                received: float) -> None:
         if not parts:
             raise ProtocolError(ErrorCode.MALFORMED, "message has no header part")
+        if self._authenticator is not None and \
+                identity.get("User-Id") not in self._authenticator.allowed:
+            raise ProtocolError(ErrorCode.NOT_ENROLLED,
+                                "this headset's key is no longer enrolled (revoked)")
+        header = parse_header(parts[0].buffer)
+        if not isinstance(header, FrameHeader):  # a ping holds no client slot
+            self._send(client, encode_pong(header.seq, self._model_info()))
+            return
         if client not in self._clients and len(self._clients) >= self.config.server.max_clients:
             raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
                                 f"the daemon already serves {len(self._clients)} clients")
         self._clients[client] = time.monotonic()
-        header = parse_header(parts[0].buffer)
-        if not isinstance(header, FrameHeader):
-            self._send(client, encode_pong(header.seq, self._model_info()))
-            return
         if len(parts) != 2:
             raise ProtocolError(ErrorCode.MALFORMED,
                                 f"a frame message has 2 parts (header, pixels), got {len(parts)}")
@@ -175,6 +236,13 @@ class Server:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
                                 f"model {name!r} is not served here; serving: "
                                 f"{', '.join(self._pipelines)}")
+        limiter = self._rates.get(client)
+        if limiter is None:
+            limiter = self._rates[client] = RateLimiter(self.config.server.max_fps_per_client)
+        if not limiter.allow():
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"over {self.config.server.max_fps_per_client:g} frames/s; "
+                                "frame ignored")
         self.counters.frames += 1
         job = FrameJob(header, parts[1].buffer, received, keepalive=parts[1])
         superseded = pipeline.submit(client, job)
@@ -202,6 +270,7 @@ class Server:
         horizon = time.monotonic() - self.config.server.client_timeout_s
         for client in [c for c, seen in self._clients.items() if seen < horizon]:
             del self._clients[client]
+            self._rates.pop(client, None)
             for pipeline in self._pipelines.values():
                 pipeline.forget(client)
 

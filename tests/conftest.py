@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -50,6 +51,30 @@ def astronaut_640x480(astronaut: np.ndarray) -> np.ndarray:
     return cv2.resize(astronaut, (640, 480))
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """A daemon key directory with one enrolled headset, made by the real key functions."""
+
+    keys_dir: Path
+    daemon_public: Path
+    headset_secret: Path
+
+    def client_kwargs(self, headset_secret: Path | None = None) -> dict:
+        return {"server_key": self.daemon_public,
+                "client_key": headset_secret or self.headset_secret}
+
+
+@pytest.fixture
+def curve_keys(short_tmp: Path) -> CurveKeys:
+    from runtime.security import DAEMON_KEY_NAME, HEADSETS_DIR, create_keypair, enroll
+
+    keys = short_tmp / "keys"
+    daemon_public, _ = create_keypair(keys, DAEMON_KEY_NAME)
+    public, secret = create_keypair(short_tmp / "headset", "quest-01")
+    enroll(public, keys / HEADSETS_DIR)
+    return CurveKeys(keys, daemon_public, secret)
+
+
 class Daemon:
     """A `sightline serve` child process on an ipc endpoint of its own."""
 
@@ -74,18 +99,21 @@ class Daemon:
 
 
 def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
-                 timeout: float = 60.0) -> Daemon:
+                 timeout: float = 60.0, curve: CurveKeys | None = None) -> Daemon:
+    """Plain mode unless `curve` keys are given (then the daemon uses curve.keys_dir)."""
     endpoint = endpoint or f"ipc://{tmp_path}/sightline.sock"
     log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    security = ["--keys", str(curve.keys_dir)] if curve else ["--plain"]
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *args],
+        process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *security, *args],
                                    stdout=log_file, stderr=subprocess.STDOUT)
     daemon = Daemon(endpoint, process, log_path)
+    ping_keys = curve.client_kwargs() if curve else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"sightline serve exited with {process.returncode}:\n{daemon.log}")
-        if query_info(endpoint, timeout=0.5) is not None:
+        if query_info(endpoint, timeout=0.5, **ping_keys) is not None:
             return daemon
     daemon.stop(9)
     raise RuntimeError(f"sightline serve did not answer within {timeout} s:\n{daemon.log}")
@@ -96,8 +124,8 @@ def daemon_factory(short_tmp: Path, centerface_bundle: Bundle) -> Iterator:
     """Start `sightline serve` processes; all are stopped when the test ends."""
     started: list[Daemon] = []
 
-    def factory(*args: str, endpoint: str | None = None) -> Daemon:
-        daemon = start_daemon(short_tmp, *args, endpoint=endpoint)
+    def factory(*args: str, endpoint: str | None = None, curve: CurveKeys | None = None) -> Daemon:
+        daemon = start_daemon(short_tmp, *args, endpoint=endpoint, curve=curve)
         started.append(daemon)
         return daemon
 

@@ -1,0 +1,159 @@
+"""The headset link's security: CurveZMQ keys, the enrolled-headset allow-list, ZAP.
+
+No home-made crypto: libzmq's CURVE does the handshake and encryption, pyzmq's
+ThreadAuthenticator answers ZAP requests from the allow-list directory (one public
+certificate per enrolled headset). The directory is re-read when it changes, so a
+headset is revoked by deleting its certificate, without restarting the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import platformdirs
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+DAEMON_KEY_NAME = "daemon"
+HEADSETS_DIR = "headsets"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def keys_dir() -> Path:
+    """Default key directory; SIGHTLINE_KEYS_DIR overrides."""
+    return Path(os.environ.get("SIGHTLINE_KEYS_DIR")
+                or Path(platformdirs.user_config_dir("sightline")) / "keys")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(f"{name!r} is not a valid key name (letters, digits, . _ -)")
+    return name
+
+
+def create_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write NAME.key (public) and NAME.key_secret (secret, mode 0600); refuse to overwrite."""
+    directory = Path(directory)
+    _check_name(name)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise ConfigError(f"{public} already exists; delete it first to make a new keypair "
+                          "(every headset enrolled with the old daemon key must be re-issued)")
+    directory.mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(directory, name)
+    os.chmod(secret, 0o600)
+    return public, secret
+
+
+def load_public_key(path: Path) -> bytes:
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a CURVE certificate from {path}: {exc}") from None
+    return public
+
+
+def load_keypair(secret_path: Path) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(secret_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a CURVE secret key from {secret_path}: {exc}") from None
+    if secret is None:
+        raise ConfigError(f"{secret_path} holds only a public key; give the .key_secret file")
+    return public, secret
+
+
+def enroll(certificate: Path, headsets_dir: Path, name: str | None = None) -> Path:
+    """Allow a headset: copy its PUBLIC certificate into the allow-list directory."""
+    public = load_public_key(certificate)
+    name = _check_name(name or Path(certificate).name.split(".")[0])
+    target = Path(headsets_dir) / f"{name}.key"
+    if target.exists():
+        raise ConfigError(f"a headset named {name!r} is already enrolled ({target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write only the public part, even when handed a secret file by mistake.
+    staging = target.with_suffix(".partial")
+    staging.write_text("metadata\ncurve\n    public-key = \"" + public.decode() + "\"\n")
+    os.replace(staging, target)
+    return target
+
+
+def revoke(name: str, headsets_dir: Path) -> None:
+    target = Path(headsets_dir) / f"{_check_name(name)}.key"
+    if not target.exists():
+        raise ConfigError(f"no headset named {name!r} is enrolled in {headsets_dir}")
+    target.unlink()
+
+
+def enrolled(headsets_dir: Path) -> list[tuple[str, str]]:
+    """(name, public key in Z85) of every enrolled headset."""
+    directory = Path(headsets_dir)
+    if not directory.is_dir():
+        return []
+    return [(p.name[: -len(".key")], load_public_key(p).decode())
+            for p in sorted(directory.glob("*.key"))]
+
+
+class HeadsetAuthenticator:
+    """ZAP authenticator for the daemon's socket, following the allow-list directory."""
+
+    def __init__(self, context: zmq.Context, headsets_dir: Path) -> None:
+        self.headsets_dir = Path(headsets_dir)
+        self.headsets_dir.mkdir(parents=True, exist_ok=True)
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("sightline.zap"))
+        self._seen: tuple = ()
+        # Z85 public keys allowed right now; checked per frame so that a revoked headset's
+        # open connection is refused too, not only its next handshake.
+        self.allowed: frozenset[str] = frozenset()
+
+    def start(self) -> None:
+        self._auth.start()
+        self.refresh(force=True)
+
+    def _snapshot(self) -> tuple:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns)
+                            for p in self.headsets_dir.glob("*.key")))
+
+    def refresh(self, force: bool = False) -> bool:
+        """Re-read the allow-list if it changed; return True when it was reloaded."""
+        snapshot = self._snapshot()
+        if snapshot == self._seen and not force:
+            return False
+        self._auth.configure_curve(domain="*", location=str(self.headsets_dir))
+        self.allowed = frozenset(key for _, key in enrolled(self.headsets_dir))
+        self._seen = snapshot
+        log.info("allow-list loaded: %d enrolled headset(s) in %s", len(snapshot),
+                 self.headsets_dir)
+        return True
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def make_curve_server(socket: zmq.Socket, secret_path: Path) -> None:
+    public, secret = load_keypair(secret_path)
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+
+
+def make_curve_client(socket: zmq.Socket, server_public: bytes, client_secret_path: Path) -> None:
+    public, secret = load_keypair(client_secret_path)
+    socket.curve_serverkey = server_public
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+
+
+def copy_public(source: Path, destination: Path) -> Path:
+    """Hand a daemon's public certificate to a headset (never the secret one)."""
+    load_public_key(source)
+    shutil.copyfile(source, destination)
+    return destination
