@@ -60,8 +60,17 @@ def main(log_level: str) -> None:
 @click.option("--providers", help="Comma-separated ONNX Runtime providers, overriding auto-choice.")
 @click.option("--threads", type=int, help="Inference threads (0: one per core).")
 @click.option("--deadline-ms", type=float, help="Drop frames that waited longer than this.")
-def serve(config_path, endpoints, models, providers, threads, deadline_ms) -> None:
-    """Run the frame daemon until SIGINT/SIGTERM."""
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False),
+              help="Key directory: daemon.key_secret and headsets/ (see `sightline keys`).")
+@click.option("--plain", is_flag=True,
+              help="DEVELOPMENT ONLY: no encryption, no authentication (any process may connect).")
+def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_dir,
+          plain) -> None:
+    """Run the frame daemon until SIGINT/SIGTERM.
+
+    The headset link is encrypted and authenticated with CurveZMQ: only headsets enrolled
+    with `sightline keys headset NAME` may connect.
+    """
     from runtime.config import load_config
     from runtime.model_zoo import resolve_bundle
     from runtime.server import Server
@@ -72,6 +81,8 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms) -> No
         "engine.providers": providers.split(",") if providers else None,
         "engine.intra_op_threads": threads,
         "server.deadline_ms": deadline_ms,
+        "security.keys_dir": keys_dir,
+        "security.mode": "plain" if plain else None,
     })
     bundles = [resolve_bundle(ref) for ref in config.models]
     server = Server(config, bundles)
@@ -216,11 +227,18 @@ def fetch() -> None:
 @main.command()
 @click.argument("endpoint", default="tcp://127.0.0.1:5555")
 @click.option("--timeout", type=float, default=2.0, show_default=True)
-def ping(endpoint: str, timeout: float) -> None:
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False),
+              help="The daemon's public key file (daemon.key), for a CURVE daemon.")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False),
+              help="An enrolled headset's .key_secret file, for a CURVE daemon.")
+def ping(endpoint: str, timeout: float, server_key, client_key) -> None:
     """Ask a running daemon which models it serves."""
     from runtime.client import query_info
 
-    reply = query_info(endpoint, timeout)
+    try:
+        reply = query_info(endpoint, timeout, server_key=server_key, client_key=client_key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if reply is None:
         raise SightlineError(f"no daemon answered at {endpoint} within {timeout} s")
     for model in reply["models"]:
@@ -255,6 +273,94 @@ def bench(model: str, samples: int, seconds: float, config_path: Path | None) ->
     from runtime.bench import run_bench
 
     run_bench(model=model, samples=samples, seconds=seconds, config_path=config_path)
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ keys for the headset link: the daemon's keypair and enrolled headsets.
+
+    \b
+    On the edge device:
+      sightline keys daemon              make the daemon's keypair (once)
+      sightline keys headset quest-01    make a headset keypair and enrol it
+      sightline keys list                enrolled headsets
+      sightline keys revoke quest-01     takes effect within a second, no restart
+    Give the headset its .key_secret file and the daemon's public daemon.key.
+    """
+
+
+def _keys_dir(directory: str | None) -> Path:
+    from runtime.security import keys_dir
+
+    return Path(directory) if directory else keys_dir()
+
+
+_keys_option = click.option("--keys", "keys_dir", type=click.Path(file_okay=False),
+                            help="Key directory (default: $SIGHTLINE_KEYS_DIR or "
+                                 "~/.config/sightline/keys).")
+
+
+@keys.command("daemon")
+@_keys_option
+def keys_daemon(keys_dir) -> None:
+    """Create the daemon's long-term keypair."""
+    from runtime.security import DAEMON_KEY_NAME, create_keypair
+
+    public, secret = create_keypair(_keys_dir(keys_dir), DAEMON_KEY_NAME)
+    click.echo(f"daemon public key: {public}  (give this file to headsets)")
+    click.echo(f"daemon secret key: {secret}  (stays on this device, mode 0600)")
+
+
+@keys.command("headset")
+@click.argument("name")
+@_keys_option
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write the headset's "
+              "keypair (default: KEYS/issued).")
+@click.option("--no-enroll", is_flag=True, help="Only create the keypair.")
+def keys_headset(name, keys_dir, out, no_enroll) -> None:
+    """Create a headset keypair and enrol its public key."""
+    from runtime.security import HEADSETS_DIR, create_keypair, enroll
+
+    directory = _keys_dir(keys_dir)
+    public, secret = create_keypair(Path(out) if out else directory / "issued", name)
+    click.echo(f"headset secret key: {secret}  (install on the headset, keep private)")
+    if not no_enroll:
+        click.echo(f"enrolled: {enroll(public, directory / HEADSETS_DIR, name)}")
+
+
+@keys.command("enroll")
+@click.argument("certificate", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Name for the headset (default: the file's name).")
+@_keys_option
+def keys_enroll(certificate, name, keys_dir) -> None:
+    """Allow a headset by its public certificate file (NAME.key)."""
+    from runtime.security import HEADSETS_DIR, enroll
+
+    click.echo(f"enrolled: {enroll(Path(certificate), _keys_dir(keys_dir) / HEADSETS_DIR, name)}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@_keys_option
+def keys_revoke(name, keys_dir) -> None:
+    """Remove a headset from the allow-list; a running daemon applies it within a second."""
+    from runtime.security import HEADSETS_DIR, revoke
+
+    revoke(name, _keys_dir(keys_dir) / HEADSETS_DIR)
+    click.echo(f"revoked {name}")
+
+
+@keys.command("list")
+@_keys_option
+def keys_list(keys_dir) -> None:
+    """List enrolled headsets and their public keys."""
+    from runtime.security import HEADSETS_DIR, enrolled
+
+    headsets = enrolled(_keys_dir(keys_dir) / HEADSETS_DIR)
+    if not headsets:
+        click.echo("no headsets enrolled")
+    for name, public in headsets:
+        click.echo(f"{name}  {public}")
 
 
 @main.command("compile")
@@ -297,6 +403,245 @@ def compare(bundle: str, variants, inputs: int, repeats: int) -> None:
     loaded = resolve_bundle(bundle)
     extra = load_variants([Path(v) for v in variants]) if variants else find_variants(loaded)
     run_compare(loaded, extra, inputs=inputs, repeats=repeats)
+
+
+@main.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--profiles", "profiles_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML file whose [profiles.<class>] tables override the profile defaults.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
+              hidden=True, help="Read /etc and /proc under this directory (captured files).")
+def devices_command(as_json: bool, profiles_path: Path | None, root: Path) -> None:
+    """Show this machine's Jetson/GPU/CPU and the device profile compile and serve use."""
+    import json
+    from dataclasses import asdict
+
+    from devices.platform import detect_platform
+    from devices.profiles import ProfileError, load_overrides, profile_for
+    from runtime.errors import ConfigError
+
+    platform = detect_platform(root)
+    try:
+        overrides = load_overrides(profiles_path) if profiles_path else None
+        profile = profile_for(platform, overrides)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"kind": platform.kind, **asdict(platform),
+                               "profile": profile.to_dict()}, indent=2))
+        return
+    _print_devices(platform, profile)
+
+
+def _print_devices(platform, profile) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+
+    def row(label: str, value: str, style: str = "") -> None:
+        table.add_row(label, Text(value, style=style))  # Text: "[tensorrt]" is not markup
+
+    row("kind", platform.kind)
+    jetson = platform.jetson
+    if jetson is not None:
+        row("model", jetson.model)
+        row("module", jetson.module + (" (Super)" if jetson.super_mode else ""))
+        row("L4T / JetPack", f"{jetson.l4t or 'unknown'} / {jetson.jetpack or 'unknown'}")
+        row("GPU", f"{jetson.gpu or 'unknown'} (integrated, {jetson.soc or '?'})")
+        row("compute capability", jetson.compute_capability or "unknown")
+        row("memory", f"{jetson.memory_mb} MiB, shared with the CPU"
+            if jetson.memory_mb else "unknown")
+        row("DLA cores", str(jetson.dla_cores))
+    for gpu in platform.gpus:
+        row(f"GPU {gpu.index}", f"{gpu.name}, {gpu.compute_capability}, {gpu.memory_mb} MiB")
+    if platform.driver_version:
+        row("driver", platform.driver_version)
+    if platform.gpu_problem:
+        row("GPUs", platform.gpu_problem, "yellow")
+    row("usable CPUs", str(platform.cpu_count))
+    row("", "")
+    row("profile", profile.name)
+    row("precision", profile.precision)
+    row("backends", " > ".join(profile.backends))
+    row("TensorRT workspace",
+        f"{profile.workspace_mb} MB" if "tensorrt" in profile.backends else "-")
+    row("DLA", f"{profile.dla_cores} core(s)" if profile.has_dla else "none")
+    row("builds for", profile.compute_capability or "-")
+    Console().print(table)
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--precision", required=True, type=click.Choice(["fp16", "int8"]),
+              help="fp16: mixed precision with float32 I/O; int8: symmetric Q/DQ, calibrated.")
+@click.option("--calib", "calib_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of .jpg/.png frames like the ones the model will see: INT8 "
+                   "calibration data, and the check images unless --eval is given.")
+@click.option("--eval", "eval_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of .jpg/.png frames to check the variant on, instead of --calib.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Variant bundle directory (default: BUNDLE-fp16 / BUNDLE-int8 beside a "
+                   "bundle directory, ./NAME-VERSION-PRECISION otherwise).")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax",
+              show_default=True, help="INT8 activation ranges: full range, or 99.999th percentile.")
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Latency samples per model, FP32 and variant interleaved.")
+def quantize(bundle, precision, calib_dir, eval_dir, out, calibration, runs) -> None:
+    """Write an FP16 or INT8 variant of a bundle and check it against FP32.
+
+    The variant is a new bundle (same name and version, manifest precision set) whose graph
+    carries its precision (casts or Q/DQ nodes), for ONNX Runtime and strongly typed
+    TensorRT engines. Accuracy and speed against FP32, measured with ONNX Runtime on this
+    machine, are printed and written to quantization-report.json in the variant.
+    """
+    from exporters.quantize import REPORT_NAME, default_variant_dir, quantize_bundle, report_tables
+    from runtime.model_zoo import resolve_bundle
+
+    source = resolve_bundle(bundle)
+    out = out or default_variant_dir(bundle, source, precision)
+    result = quantize_bundle(source, precision, calib_dir, out, eval_dir=eval_dir,
+                             calibration=calibration, runs=runs, console=err_console)
+    console = Console()
+    for table in report_tables(result.report):
+        console.print(table)
+    click.echo(f"{precision} variant of {source.name}@{source.version} written to "
+               f"{result.bundle.directory} (report: {REPORT_NAME})")
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="State dict (torch.save(model.state_dict())) for a factory-built model.")
+@click.option("--task", required=True, type=click.Choice(["face", "detect", "raw"]),
+              help="How outputs are decoded.")
+@click.option("--name", help="Bundle name (default: the factory's name or the file's stem).")
+@click.option("--version", "version", default="1", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Bundle directory to write (default: ./NAME).")
+@click.option("--archive", is_flag=True, help="Also write NAME-VERSION.sightline for shipping.")
+@click.option("--input-size", default="640x640", show_default=True, metavar="WxH",
+              help="Input size to trace and verify at (3 channels, NCHW).")
+@click.option("--static", is_flag=True,
+              help="Freeze the spatial dims at --input-size (the batch dim stays free).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--simplify", is_flag=True,
+              help="Simplify the graph (onnxsim, else ONNX Runtime's basic optimisation); "
+                   "the result is verified too.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Verification: absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True,
+              help="Verification: relative tolerance (|onnx - torch| <= atol + rtol*|torch|).")
+@click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory of images to verify with (first 8; default: the astronaut photo).")
+@click.option("--multiple-of", type=int, default=32, show_default=True,
+              help="Dynamic size: input dims are rounded up to this.")
+@click.option("--max-size", metavar="WxH", default="1920x1088", show_default=True,
+              help="Dynamic size: larger frames are scaled down to fit.")
+@click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Model's channel order.")
+@click.option("--scale", type=float, help="Pixel multiplier (e.g. 0.00392 for /255).")
+@click.option("--mean", help="Per-channel mean after scaling, comma-separated.")
+@click.option("--std", help="Per-channel std after scaling, comma-separated.")
+@click.option("--resize", type=click.Choice(["stretch", "letterbox"]))
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file, one class label per line.")
+@click.option("--score", type=float, help="Score threshold.")
+@click.option("--iou", type=float, help="NMS IoU threshold.")
+@click.option("--output", "outputs", multiple=True, metavar="ROLE=NAME",
+              help="Map a decoder role to an output tensor (e.g. heatmap=output0).")
+def export_model(model, weights, task, name, version, out, archive, input_size, static, opset,
+                 simplify, atol, rtol, samples, multiple_of, max_size, color, scale, mean, std,
+                 resize, labels, score, iou, outputs) -> None:
+    """Export a PyTorch model to a verified bundle.
+
+    \b
+    MODEL is package.module:factory, path/to/file.py:factory (a callable returning a
+    torch.nn.Module, or the module itself), or a TorchScript file (.pt, .ts).
+    Needs the export extra: pip install 'sightline[export]'.
+    """
+    from exporters.onnx_import import TASK_DEFAULTS, ImportOptions
+    from exporters.torch_export import (
+        ExportOptions,
+        VerificationError,
+        default_name,
+        export_torch,
+        verification_table,
+    )
+    import time
+
+    from runtime.bundle import SizePolicy, pack_archive
+
+    name = name or default_name(model)
+    width, height = _parse_size(input_size, "--input-size")
+    size = None
+    if not static:
+        max_w, max_h = _parse_size(max_size, "--max-size")
+        size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
+                          max_height=max_h)
+    defaults = TASK_DEFAULTS[task]
+    pre_updates = {k: v for k, v in dict(
+        color=color, scale=scale, resize=resize,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std")).items() if v is not None}
+    if color == "gray":
+        pre_updates.setdefault("mean", (0.0,))
+        pre_updates.setdefault("std", (1.0,))
+    th_updates = {k: v for k, v in dict(score=score, iou=iou).items() if v is not None}
+    try:
+        role_map = dict(o.split("=", 1) for o in outputs)
+    except ValueError:
+        raise click.BadParameter("use ROLE=NAME", param_hint="--output") from None
+    label_list = None
+    if labels:
+        label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
+    options = ExportOptions(
+        model=model,
+        weights=weights,
+        input_size=(width, height),
+        dynamic=not static,
+        opset=opset,
+        simplify=simplify,
+        atol=atol,
+        rtol=rtol,
+        samples=samples,
+        bundle=ImportOptions(
+            task=task, name=name, version=version, dynamic=not static, size=size,
+            preprocess=_validated(defaults["preprocess"], pre_updates),
+            thresholds=_validated(defaults["thresholds"], th_updates),
+            labels=label_list, outputs=role_map),
+    )
+    running: list[tuple[str, float]] = []  # the step under way and when it started
+
+    with err_console.status(f"exporting {model} ...") as status:
+        def on_step(step: str) -> None:
+            if running:
+                previous, started = running.pop()
+                err_console.print(f"  [green]ok[/] {previous} "
+                                  f"({time.perf_counter() - started:.1f} s)", highlight=False)
+            if step:
+                running.append((step, time.perf_counter()))
+                status.update(f"{step} ...")
+
+        try:
+            result = export_torch(options, out or Path(name), on_step=on_step)
+        except VerificationError as exc:
+            err_console.print(verification_table(exc.verification))
+            raise
+    for verification in result.verifications:
+        err_console.print(verification_table(verification))
+    for repair in result.repairs:
+        click.echo(f"  repaired: {repair}")
+    bundle = result.bundle
+    total = sum(seconds for _, seconds in result.timings)
+    click.echo(f"bundle {bundle.name}@{bundle.version} ({task}) written to {bundle.directory} "
+               f"in {total:.1f} s ({result.exporter}"
+               f"{', ' + result.simplifier if result.simplifier else ''})")
+    if archive:
+        path = pack_archive(bundle, bundle.directory.parent /
+                            f"{bundle.name}-{bundle.version}.sightline")
+        click.echo(f"archive written to {path}")
 
 
 if __name__ == "__main__":
