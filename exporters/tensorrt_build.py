@@ -37,9 +37,12 @@ class CompileOptions:
 def detect_target(dla_core: int | None = None) -> TargetDevice:
     """This machine's GPU and TensorRT version, as an engine cache key part."""
     trt = import_tensorrt()
-    from devices.cuda import current_gpu
+    from devices.platform import current_gpu
 
-    name, capability = current_gpu()
+    try:
+        name, capability = current_gpu()
+    except RuntimeError as exc:
+        raise EngineError(str(exc)) from None
     return TargetDevice(gpu_name=name, compute_capability=capability,
                         tensorrt_version=trt.__version__, dla_core=dla_core)
 

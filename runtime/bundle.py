@@ -262,3 +262,16 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
     if not member.isfile() or "/" in name or "\\" in name or name in ("", ".", ".."):
         raise BundleError(f"{archive}: refusing archive member {name!r} (bundles hold plain files)")
 
+
+
+def variant_path(bundle: Bundle, precision: str) -> Path:
+    """Where `sightline quantize` puts a bundle's precision variant: beside it, suffixed."""
+    return bundle.directory.parent / f"{bundle.directory.name}-{precision}"
+
+
+def preferred_variant(bundle: Bundle, precision: str) -> Bundle:
+    """The bundle's `precision` variant when one exists beside it, else the bundle itself."""
+    if precision == bundle.manifest.precision:
+        return bundle
+    candidate = variant_path(bundle, precision)
+    return Bundle.load(candidate) if (candidate / MANIFEST_NAME).is_file() else bundle

@@ -71,7 +71,8 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     The headset link is encrypted and authenticated with CurveZMQ: only headsets enrolled
     with `sightline keys headset NAME` may connect.
     """
-    from runtime.config import load_config
+    from runtime.bundle import preferred_variant
+    from runtime.config import apply_device_profile, load_config
     from runtime.model_zoo import resolve_bundle
     from runtime.server import Server
 
@@ -84,7 +85,10 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
         "security.keys_dir": keys_dir,
         "security.mode": "plain" if plain else None,
     })
-    bundles = [resolve_bundle(ref) for ref in config.models]
+    config, profile = apply_device_profile(config)
+    logging.info("device profile %s: prefers %s, backends %s", profile.name, config.precision,
+                 "/".join(profile.backends))
+    bundles = [preferred_variant(resolve_bundle(ref), config.precision) for ref in config.models]
     server = Server(config, bundles)
     try:
         bound = server.bind()
@@ -253,11 +257,13 @@ def ping(endpoint: str, timeout: float, server_key, client_key) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo-output"), show_default=True)
 @click.option("--model", default="centerface", show_default=True, help="Bundle to serve.")
-def demo(source, frames, out_dir, model) -> None:
+@click.option("--fps", type=float, default=30.0, show_default=True,
+              help="Rate frames are streamed at, like a camera.")
+def demo(source, frames, out_dir, model, fps) -> None:
     """Start a daemon, stream a real sequence through it, write annotated output."""
     from runtime.demo import run_demo
 
-    run_demo(source=source, frames=frames, out_dir=out_dir, model=model)
+    run_demo(source=source, frames=frames, out_dir=out_dir, model=model, fps=fps)
 
 
 @main.command()
@@ -366,19 +372,26 @@ def keys_list(keys_dir) -> None:
 @main.command("compile")
 @click.argument("bundle")
 @click.option("--dla", "dla_core", type=int, help="Build for this DLA core (Jetson), GPU fallback.")
-@click.option("--workspace", "workspace_mb", type=int, default=1024, show_default=True,
-              help="TensorRT builder workspace, MB.")
+@click.option("--workspace", "workspace_mb", type=int,
+              help="TensorRT builder workspace, MB (default: the device profile's).")
 @click.option("--frame-size", default="640x480", show_default=True, metavar="WxH",
               help="Frame size the dynamic-shape profile is optimised for.")
 @click.option("--force", is_flag=True, help="Rebuild even if the engine cache has it.")
 def compile_command(bundle: str, dla_core, workspace_mb, frame_size, force) -> None:
     """Compile a bundle's ONNX to a TensorRT engine for this GPU (cached per device)."""
+    from devices.platform import detect_platform
+    from devices.profiles import profile_for
     from exporters.tensorrt_build import CompileOptions, compile_bundle
     from runtime.engine_cache import EngineCache
     from runtime.model_zoo import cache_dir, resolve_bundle
 
+    profile = profile_for(detect_platform())
+    if dla_core is not None and dla_core >= profile.dla_cores:
+        raise SightlineError(f"--dla {dla_core}: this device ({profile.name}) has "
+                             f"{profile.dla_cores} DLA core(s)")
     loaded = resolve_bundle(bundle)
-    options = CompileOptions(workspace_mb=workspace_mb, dla_core=dla_core,
+    options = CompileOptions(workspace_mb=workspace_mb or profile.workspace_mb or 1024,
+                             dla_core=dla_core,
                              frame_size=_parse_size(frame_size, "--frame-size"), force=force)
     record = compile_bundle(loaded, EngineCache(cache_dir() / "engines"), options,
                             console=err_console)
@@ -486,11 +499,9 @@ def _print_devices(platform, profile) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Variant bundle directory (default: BUNDLE-fp16 / BUNDLE-int8 beside a "
                    "bundle directory, ./NAME-VERSION-PRECISION otherwise).")
-@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax",
-              show_default=True, help="INT8 activation ranges: full range, or 99.999th percentile.")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Latency samples per model, FP32 and variant interleaved.")
-def quantize(bundle, precision, calib_dir, eval_dir, out, calibration, runs) -> None:
+def quantize(bundle, precision, calib_dir, eval_dir, out, runs) -> None:
     """Write an FP16 or INT8 variant of a bundle and check it against FP32.
 
     The variant is a new bundle (same name and version, manifest precision set) whose graph
@@ -503,8 +514,8 @@ def quantize(bundle, precision, calib_dir, eval_dir, out, calibration, runs) -> 
 
     source = resolve_bundle(bundle)
     out = out or default_variant_dir(bundle, source, precision)
-    result = quantize_bundle(source, precision, calib_dir, out, eval_dir=eval_dir,
-                             calibration=calibration, runs=runs, console=err_console)
+    result = quantize_bundle(source, precision, calib_dir, out, eval_dir=eval_dir, runs=runs,
+                             console=err_console)
     console = Console()
     for table in report_tables(result.report):
         console.print(table)
@@ -562,6 +573,8 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
     torch.nn.Module, or the module itself), or a TorchScript file (.pt, .ts).
     Needs the export extra: pip install 'sightline[export]'.
     """
+    import time
+
     from exporters.onnx_import import TASK_DEFAULTS, ImportOptions
     from exporters.torch_export import (
         ExportOptions,
@@ -570,8 +583,6 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
         export_torch,
         verification_table,
     )
-    import time
-
     from runtime.bundle import SizePolicy, pack_archive
 
     name = name or default_name(model)
@@ -629,7 +640,8 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
         except VerificationError as exc:
             err_console.print(verification_table(exc.verification))
             raise
-    for verification in result.verifications:
+    # Without --simplify the bundled graph is the exported one plus metadata: one table.
+    for verification in result.verifications[0 if simplify else -1:]:
         err_console.print(verification_table(verification))
     for repair in result.repairs:
         click.echo(f"  repaired: {repair}")
@@ -642,6 +654,70 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
         path = pack_archive(bundle, bundle.directory.parent /
                             f"{bundle.name}-{bundle.version}.sightline")
         click.echo(f"archive written to {path}")
+
+
+@main.command()
+@click.option("--control", "endpoint", metavar="ENDPOINT",
+              help="The daemon's control socket: ipc:///path or a path (default: the first "
+                   "that exists of $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/sightline, "
+                   "/run/sightline, $TMPDIR/sightline-UID; each /control.sock).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option("--timeout", type=float, default=2.0, show_default=True)
+def status(endpoint: str | None, as_json: bool, timeout: float) -> None:
+    """Ask the running daemon (over its local control socket) how it is doing."""
+    import json
+
+    from runtime.control import (
+        as_endpoint,
+        find_control_endpoint,
+        query_status,
+        unreachable_reason,
+    )
+    from runtime.status import render_status
+
+    endpoint = as_endpoint(endpoint) if endpoint else find_control_endpoint()
+    reason = unreachable_reason(endpoint)
+    report = None if reason else query_status(endpoint, timeout)
+    if report is None:
+        raise SightlineError(f"no daemon answered: {reason or f'silent for {timeout} s'}. Is "
+                             f"`sightline serve` running? Its control socket is {endpoint}"
+                             " (--control to look elsewhere)")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        render_status(report, Console(soft_wrap=True))
+
+
+@main.group()
+def service() -> None:
+    """Run sightline as a systemd service on this device."""
+
+
+@service.command("install")
+@click.option("--user", default="sightline", show_default=True,
+              help="Unprivileged account the daemon runs as (created if missing).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/etc/sightline/sightline.toml"), show_default=True,
+              help="Config file for the service (a default is written if missing).")
+@click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
+def service_install(user: str, config_path: Path, dry_run: bool) -> None:
+    """Install the systemd unit, service user, config and daemon key (needs root)."""
+    from runtime.service_install import apply_plan, format_plan, plan_install, require_root
+
+    if not dry_run:
+        require_root()
+    plan = plan_install(user=user, config=config_path)
+    if dry_run:
+        click.echo(format_plan(plan, dry_run=True))
+    else:
+        click.echo("installing the sightline service:")
+        for note in plan.notes:
+            click.echo(f"  note: {note}")
+        apply_plan(plan, echo=click.echo)
+    click.echo("then start it now and at every boot with:" if dry_run
+               else "installed. Start it now and at every boot with:")
+    for step in plan.next_steps:
+        click.echo(f"  {step}")
 
 
 if __name__ == "__main__":

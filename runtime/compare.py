@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, preferred_variant
 from runtime.engines import Engine, EngineSettings, open_bundle_engine, open_engine
 from runtime.errors import EngineError
 from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
@@ -34,12 +34,7 @@ class BackendRun:
 
 def find_variants(bundle: Bundle) -> list[Bundle]:
     """Precision variants written by `sightline quantize` next to the bundle."""
-    found = []
-    for precision in ("fp16", "int8"):
-        candidate = bundle.directory.parent / f"{bundle.directory.name}-{precision}"
-        if candidate.is_dir():
-            found.append(Bundle.load(candidate))
-    return found
+    return [v for v in (preferred_variant(bundle, p) for p in ("fp16", "int8")) if v is not bundle]
 
 
 def _backends(bundles: list[Bundle]) -> list[tuple[str, Bundle, callable]]:

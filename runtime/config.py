@@ -79,6 +79,19 @@ class ServeConfig(BaseModel):
     # Bundle directories/archives, or "centerface" for the built-in default model.
     # The first one serves frames whose header names no model.
     models: tuple[str, ...] = ("centerface",)
+    # Which precision variant to serve when `sightline quantize` wrote one beside a bundle;
+    # "auto" takes the device profile's precision (fp16 on NVIDIA GPUs, fp32 on CPU).
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    # Device profile overrides, [profiles.<class>] tables (see `sightline devices`).
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles_valid(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from devices.profiles import validate_overrides
+
+        validate_overrides(value)  # raises ValueError subclasses naming the bad key
+        return value
 
 
 def _describe(exc: ValidationError) -> str:
@@ -112,3 +125,21 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
     except ValidationError as exc:
         where = f"in {path}" if path else "in the command-line options"
         raise ConfigError(f"invalid configuration {where}:\n{_describe(exc)}") from None
+
+
+def apply_device_profile(config: ServeConfig):
+    """This machine's device profile, and the config with its choices filled in: the
+    precision to prefer and, under backend=auto, whether TensorRT is tried at all."""
+    from devices.platform import detect_platform
+    from devices.profiles import ProfileError, profile_for
+
+    try:
+        profile = profile_for(detect_platform(), config.profiles)
+    except ProfileError as exc:
+        raise ConfigError(f"invalid device profile override: {exc}") from None
+    updates: dict[str, Any] = {}
+    if config.precision == "auto":
+        updates["precision"] = profile.precision
+    if config.engine.backend == "auto" and "tensorrt" not in profile.backends:
+        updates["engine"] = config.engine.model_copy(update={"backend": "onnxruntime"})
+    return config.model_copy(update=updates), profile

@@ -84,14 +84,16 @@ def test_ping_lists_models_of_a_running_daemon(daemon):
 
 def test_demo_draws_the_astronauts_face_and_prints_a_latency_table(tmp_path: Path,
                                                                    centerface_bundle):
-    done = run("demo", "--frames", "12", "--out", str(tmp_path / "out"), timeout=300)
+    # 8 fps: slow enough that a busy CI machine still answers every frame
+    done = run("demo", "--frames", "12", "--fps", "8", "--out", str(tmp_path / "out"),
+               timeout=300)
     assert done.returncode == 0, done.stderr + done.stdout
     for column in ("p50 ms", "p95 ms", "p99 ms", "inference", "round trip"):
         assert column in done.stdout
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
     assert len(records) == 12
     faces = [r["detections"] for r in records if r["detections"]]
-    assert len(faces) >= 10  # every frame shows the face; a dropped frame or two is fine
+    assert len(faces) >= 11  # every frame shows the face; one skipped frame is tolerated
     assert all(len(d[0]["landmarks"]) == 5 for d in faces)
     strip = cv2.imread(str(tmp_path / "out" / "strip.jpg"))
     assert strip is not None and strip.shape[0] > 0

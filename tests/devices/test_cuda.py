@@ -1,0 +1,143 @@
+"""The CUDA memory interface: what happens without the bindings (CPU), and an array's round
+trip host -> device -> host through each binding installed (GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from devices.cuda import CudaApi, CudaError, load_cuda
+from devices.platform import detect_platform
+
+BINDINGS = ("cuda-python", "pycuda")
+BINDING_MODULES = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart",
+                   "pycuda", "pycuda.driver")
+
+
+def _hide_bindings(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    # A None entry in sys.modules makes `import` raise ModuleNotFoundError, as on a machine
+    # where the package was never installed.
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_importing_the_devices_package_imports_no_vendor_library():
+    code = ("import sys, devices, devices.platform, devices.profiles, devices.cuda\n"
+            "heavy = {'cuda', 'pycuda', 'pynvml', 'tensorrt', 'runtime', 'exporters'}\n"
+            "assert not heavy & set(sys.modules), heavy & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_either_binding_the_error_names_both_extras(monkeypatch):
+    _hide_bindings(monkeypatch, *BINDING_MODULES)
+    with pytest.raises(ImportError) as caught:
+        load_cuda()
+    message = str(caught.value)
+    assert "pip install 'sightline[tensorrt]'" in message
+    assert "pip install 'sightline[pycuda]'" in message
+    assert "cuda-python" in message and "pycuda" in message
+
+
+@pytest.mark.parametrize("prefer", BINDINGS)
+def test_preferring_a_missing_binding_falls_back_and_still_names_the_extras(monkeypatch, prefer):
+    _hide_bindings(monkeypatch, *BINDING_MODULES)
+    with pytest.raises(ImportError, match=r"sightline\[tensorrt\].*sightline\[pycuda\]"):
+        load_cuda(prefer)
+
+
+def test_unknown_binding_name_is_refused():
+    with pytest.raises(ValueError, match="unknown CUDA binding 'cupy'"):
+        load_cuda("cupy")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-python not installed")
+@pytest.mark.skipif(detect_platform().has_nvidia_gpu, reason="needs a machine without a GPU")
+def test_cuda_python_without_a_driver_raises_cudas_own_error_name():
+    with pytest.raises(CudaError) as caught:
+        load_cuda("cuda-python")
+    assert caught.value.name.startswith("cudaError")  # e.g. cudaErrorInsufficientDriver
+    assert caught.value.call == "cudaGetDeviceCount"
+
+
+# GPU: tests/conftest.py skips these where detect_platform() finds no NVIDIA GPU.
+
+@pytest.fixture(params=BINDINGS)
+def api(request) -> Iterator[CudaApi]:
+    binding = request.param
+    module = "cuda" if binding == "cuda-python" else "pycuda"
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{binding} is not installed")
+    opened = load_cuda(binding)
+    assert opened.name == binding
+    yield opened
+    opened.close()
+
+
+@pytest.mark.gpu
+def test_array_round_trips_host_to_device_to_host(api: CudaApi):
+    frame = np.random.default_rng(0).random((3, 480, 640), dtype=np.float32)
+    stream = api.stream()
+    device = api.device_buffer(frame.nbytes)
+    back = np.zeros_like(frame)
+    api.copy_htod_async(device, frame, stream)
+    api.copy_dtoh_async(back, device, stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(back, frame)
+
+
+@pytest.mark.gpu
+def test_pinned_arrays_round_trip_and_can_be_freed_early(api: CudaApi):
+    src = api.pinned_host((2, 3, 4), np.float16)
+    dst = api.pinned_host((2, 3, 4), np.float16)
+    assert src.shape == (2, 3, 4) and src.dtype == np.float16 and src.flags.c_contiguous
+    src[...] = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    stream = api.stream()
+    device = api.device_buffer(src.nbytes)
+    api.copy_htod_async(device, src, stream)
+    api.copy_dtoh_async(dst, device, stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(dst, src)
+    api.free_pinned(src)
+    api.free_pinned(src)  # a second free is a no-op, not a double free
+
+
+@pytest.mark.gpu
+def test_stream_handle_is_an_int_tensorrt_can_take(api: CudaApi):
+    stream = api.stream()
+    assert isinstance(stream.handle, int) and stream.handle != 0  # not the legacy stream
+
+
+@pytest.mark.gpu
+def test_device_buffer_frees_once_and_refuses_copies_afterwards(api: CudaApi):
+    stream = api.stream()
+    buffer = api.device_buffer(1024)
+    assert buffer.ptr and buffer.nbytes == 1024
+    buffer.free()
+    buffer.free()
+    assert buffer.ptr == 0
+    with pytest.raises(ValueError, match="freed"):
+        api.copy_htod_async(buffer, np.zeros(16, np.uint8), stream)
+
+
+@pytest.mark.gpu
+def test_copies_that_would_overrun_or_read_strided_memory_are_refused(api: CudaApi):
+    stream = api.stream()
+    small = api.device_buffer(64)
+    with pytest.raises(ValueError, match="holds 64"):
+        api.copy_htod_async(small, np.zeros(65, np.uint8), stream)
+    with pytest.raises(ValueError, match="holds 64"):
+        api.copy_dtoh_async(np.zeros(65, np.uint8), small, stream)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        api.copy_htod_async(small, np.zeros((8, 8), np.uint8)[:, ::2], stream)
+
+
+@pytest.mark.gpu
+def test_impossible_allocation_raises_cudas_error_name(api: CudaApi):
+    with pytest.raises(CudaError) as caught:
+        api.device_buffer(1 << 50)  # 1 PiB
+    assert caught.value.name in ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY")
