@@ -25,7 +25,7 @@ from runtime.errors import SightlineError
 from runtime.latency import latency_table, stage_durations_ms
 from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset, resolve_bundle
 from runtime.overlay import draw_detections
-from runtime.security import DAEMON_KEY_NAME, HEADSETS_DIR, create_keypair, enroll
+from runtime.security import throwaway_keys
 from runtime.server import Server
 
 FRAME_SIZE = (640, 480)
@@ -77,10 +77,7 @@ def run_demo(*, source: str | None, frames: int, out_dir: Path, model: str = "ce
     with tempfile.TemporaryDirectory(prefix="sightline-demo-") as tmp:
         endpoint = f"ipc://{tmp}/demo.sock"
         # The demo uses the real link: a throw-away daemon keypair and one enrolled headset.
-        keys = Path(tmp) / "keys"
-        daemon_public, _ = create_keypair(keys, DAEMON_KEY_NAME)
-        headset_public, headset_secret = create_keypair(Path(tmp) / "headset", "demo-headset")
-        enroll(headset_public, keys / HEADSETS_DIR)
+        keys, client_keys = throwaway_keys(Path(tmp))
         config = ServeConfig(server=ServerSettings(endpoints=(endpoint,)),
                              security=SecuritySettings(keys_dir=str(keys)))
         server = Server(config, [bundle])
@@ -90,8 +87,7 @@ def run_demo(*, source: str | None, frames: int, out_dir: Path, model: str = "ce
         io_thread.start()
         console.print("link: CurveZMQ, encrypted; headset authenticated by its enrolled key")
         try:
-            replies, elapsed = _stream(endpoint, sequence, fps, console,
-                                       {"server_key": daemon_public, "client_key": headset_secret})
+            replies, elapsed = _stream(endpoint, sequence, fps, console, client_keys)
         finally:
             stop.set()
             io_thread.join()

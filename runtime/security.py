@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import platformdirs
@@ -152,8 +151,13 @@ def make_curve_client(socket: zmq.Socket, server_public: bytes, client_secret_pa
     socket.curve_secretkey = secret
 
 
-def copy_public(source: Path, destination: Path) -> Path:
-    """Hand a daemon's public certificate to a headset (never the secret one)."""
-    load_public_key(source)
-    shutil.copyfile(source, destination)
-    return destination
+def throwaway_keys(directory: Path) -> tuple[Path, dict[str, Path]]:
+    """A daemon key directory with one enrolled headset, for demos and benchmarks.
+
+    Returns (keys_dir for the daemon, keyword arguments for runtime.client.Client).
+    """
+    keys = Path(directory) / "keys"
+    daemon_public, _ = create_keypair(keys, DAEMON_KEY_NAME)
+    headset_public, headset_secret = create_keypair(Path(directory) / "headset", "headset")
+    enroll(headset_public, keys / HEADSETS_DIR)
+    return keys, {"server_key": daemon_public, "client_key": headset_secret}
