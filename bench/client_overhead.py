@@ -64,7 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sl-overhead-") as tmp:
         endpoint = f"ipc://{tmp}/d.sock"
         daemon = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--log-level", "warning",
-                                   "serve", "--plain", "--bind", endpoint],
+                                   "serve", "--plain", "--bind", endpoint,
+                                   "--control", f"ipc://{tmp}/control.sock"],
                                   stdout=subprocess.DEVNULL)
         try:
             while query_info(endpoint, 0.5) is None:

@@ -67,6 +67,7 @@ def _start_daemon(endpoint: str, bundle_dir: Path, config_path: Path | None,
                   keys_dir: Path | None, client_keys: dict) -> subprocess.Popen:
     args = ["--config", str(config_path)] if config_path else []
     args += ["--keys", str(keys_dir)] if keys_dir else ["--plain"]
+    args += ["--control", endpoint.replace(".sock", "-control.sock")]  # two daemons at once
     process = subprocess.Popen(
         [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "serve", "--bind",
          endpoint, "--model", str(bundle_dir), *args], stdout=subprocess.DEVNULL)

@@ -45,8 +45,9 @@ def main(log_level: str) -> None:
       sightline serve                serve the default model on tcp://127.0.0.1:5555
       sightline import M.onnx --task face|detect|raw   make a bundle from an ONNX file
     """
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from runtime.journal import configure_logging
+
+    configure_logging(log_level)  # structured journald records under systemd, else stderr
 
 
 @main.command()
@@ -64,8 +65,11 @@ def main(log_level: str) -> None:
               help="Key directory: daemon.key_secret and headsets/ (see `sightline keys`).")
 @click.option("--plain", is_flag=True,
               help="DEVELOPMENT ONLY: no encryption, no authentication (any process may connect).")
+@click.option("--control", metavar="ENDPOINT",
+              help="Control socket for `sightline status` (default: under $XDG_RUNTIME_DIR "
+                   "or /run/sightline).")
 def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_dir,
-          plain) -> None:
+          plain, control) -> None:
     """Run the frame daemon until SIGINT/SIGTERM.
 
     The headset link is encrypted and authenticated with CurveZMQ: only headsets enrolled
@@ -73,8 +77,11 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     """
     from runtime.bundle import preferred_variant
     from runtime.config import apply_device_profile, load_config
+    from runtime.control import ControlServer, default_control_endpoint
     from runtime.model_zoo import resolve_bundle
     from runtime.server import Server
+    from runtime.service import Watchdog, notify_ready, notify_stopping
+    from runtime.status import DaemonStatus
 
     config = load_config(config_path, {
         "server.endpoints": list(endpoints) or None,
@@ -95,15 +102,31 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     except OSError as exc:
         server.close()
         raise SightlineError(f"{exc}; is another daemon running there?") from None
+    control_endpoint = control or default_control_endpoint()
+    control_server = ControlServer(control_endpoint, DaemonStatus(server, control_endpoint))
+    try:
+        control_server.start()
+    except SightlineError:
+        server.close()
+        raise
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        notify_stopping()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     for name, pipeline in server.pipelines.items():
         logging.info("serving %s@%s (%s, %s)", name, pipeline.bundle.version,
                      pipeline.bundle.manifest.task, pipeline.engine.provider)
-    logging.info("listening on %s", ", ".join(bound))
+    logging.info("listening on %s; control socket %s", ", ".join(bound), control_endpoint)
     print(f"sightline ready on {' '.join(bound)}", flush=True)
-    server.serve(stop)
+    notify_ready(f"serving {', '.join(server.pipelines)} on {' '.join(bound)}")
+    try:
+        server.serve(stop, watchdog=Watchdog.from_environ())
+    finally:
+        control_server.stop()
     logging.info("stopped cleanly")
 
 
@@ -497,8 +520,8 @@ def _print_devices(platform, profile) -> None:
 @click.option("--eval", "eval_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of .jpg/.png frames to check the variant on, instead of --calib.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Variant bundle directory (default: BUNDLE-fp16 / BUNDLE-int8 beside a "
-                   "bundle directory, ./NAME-VERSION-PRECISION otherwise).")
+              help="Variant bundle directory (default: beside the bundle directory, suffixed "
+                   "-fp16 / -int8, where `serve` and `compare` look for variants).")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Latency samples per model, FP32 and variant interleaved.")
 def quantize(bundle, precision, calib_dir, eval_dir, out, runs) -> None:
@@ -509,11 +532,12 @@ def quantize(bundle, precision, calib_dir, eval_dir, out, runs) -> None:
     TensorRT engines. Accuracy and speed against FP32, measured with ONNX Runtime on this
     machine, are printed and written to quantization-report.json in the variant.
     """
-    from exporters.quantize import REPORT_NAME, default_variant_dir, quantize_bundle, report_tables
+    from exporters.quantize import REPORT_NAME, quantize_bundle, report_tables
+    from runtime.bundle import variant_path
     from runtime.model_zoo import resolve_bundle
 
     source = resolve_bundle(bundle)
-    out = out or default_variant_dir(bundle, source, precision)
+    out = out or variant_path(source, precision)
     result = quantize_bundle(source, precision, calib_dir, out, eval_dir=eval_dir, runs=runs,
                              console=err_console)
     console = Console()
@@ -685,7 +709,9 @@ def status(endpoint: str | None, as_json: bool, timeout: float) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
-        render_status(report, Console(soft_wrap=True))
+        # Piped (grep, ssh without a tty): rich would assume 80 columns and cut the table.
+        width = None if sys.stdout.isatty() else 200
+        render_status(report, Console(soft_wrap=True, width=width))
 
 
 @main.group()
@@ -701,7 +727,7 @@ def service() -> None:
               help="Config file for the service (a default is written if missing).")
 @click.option("--dry-run", is_flag=True, help="Print what it would do; change nothing.")
 def service_install(user: str, config_path: Path, dry_run: bool) -> None:
-    """Install the systemd unit, service user, config and daemon key (needs root)."""
+    """Install the systemd service: unit, user, config, daemon key (root; see --dry-run)."""
     from runtime.service_install import apply_plan, format_plan, plan_install, require_root
 
     if not dry_run:

@@ -76,6 +76,8 @@ class ModelPipeline:
         self._ready: queue.Queue[_Prepared] = queue.Queue(maxsize=1)
         self._free = threading.Semaphore(1)
         self._stop = threading.Event()
+        # Each loop stamps its beat every turn (at least every POLL_S); see healthy().
+        self._beats = {"prepare": time.monotonic(), "infer": time.monotonic()}
         name = bundle.name
         self._threads = [
             threading.Thread(target=self._prepare_loop, name=f"sightline-prepare-{name}"),
@@ -92,6 +94,12 @@ class ModelPipeline:
 
     def forget(self, client: bytes) -> None:
         self._slots.forget(client)
+
+    def healthy(self, stall_s: float = 5.0) -> bool:
+        """Both threads alive and turning (a stuck engine call shows as a stale beat)."""
+        now = time.monotonic()
+        return (all(t.is_alive() for t in self._threads)
+                and now - min(self._beats.values()) < stall_s)
 
     def start(self, warm_up_size: tuple[int, int] | None = (640, 480)) -> None:
         """Start the threads, after one inference on a blank frame of `warm_up_size`.
@@ -125,6 +133,7 @@ class ModelPipeline:
         replies = self._reply_socket()
         try:
             while not self._stop.is_set():
+                self._beats["prepare"] = time.monotonic()
                 if not self._free.acquire(timeout=POLL_S):
                     continue
                 prepared = self._prepare_next(replies)
@@ -172,6 +181,7 @@ class ModelPipeline:
         manifest = self.bundle.manifest
         try:
             while not self._stop.is_set():
+                self._beats["infer"] = time.monotonic()
                 try:
                     item = self._ready.get(timeout=POLL_S)
                 except queue.Empty:

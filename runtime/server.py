@@ -38,6 +38,7 @@ from runtime.security import (
     HeadsetAuthenticator,
     make_curve_server,
 )
+from runtime.service import Watchdog
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()
@@ -151,8 +152,19 @@ class Server:
         self._authenticator = HeadsetAuthenticator(self._context, keys / HEADSETS_DIR)
         self._authenticator.start()
 
-    def serve(self, stop: threading.Event) -> None:
-        """Run the I/O loop until `stop` is set, then shut everything down cleanly."""
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)  # read by the control thread; len() is atomic
+
+    def healthy(self) -> bool:
+        return all(p.healthy() for p in self._pipelines.values())
+
+    def serve(self, stop: threading.Event, watchdog: Watchdog | None = None) -> None:
+        """Run the I/O loop until `stop` is set, then shut everything down cleanly.
+
+        With a systemd watchdog, it is pinged from this loop only while every pipeline
+        thread is alive and turning, so a hung daemon gets restarted.
+        """
         if self._router is None:
             self.bind()
         poller = zmq.Poller()
@@ -171,6 +183,8 @@ class Server:
                     if self._authenticator is not None:
                         self._authenticator.refresh()  # revocations apply without a restart
                     next_sweep = time.monotonic() + 1.0
+                if watchdog is not None and self.healthy():
+                    watchdog.ping_if_due()
         finally:
             self.close()
 

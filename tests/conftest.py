@@ -104,8 +104,11 @@ def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
     endpoint = endpoint or f"ipc://{tmp_path}/sightline.sock"
     log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
     security = ["--keys", str(curve.keys_dir)] if curve else ["--plain"]
+    # each daemon its own control socket: tests may run several at once
+    control = ["--control", f"ipc://{tmp_path}/control-{time.monotonic_ns()}.sock"]
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *security, *args],
+        process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *security, *control,
+                                    *args],
                                    stdout=log_file, stderr=subprocess.STDOUT)
     daemon = Daemon(endpoint, process, log_path)
     ping_keys = curve.client_kwargs() if curve else {}

@@ -27,12 +27,14 @@ def test_import_runtime_and_help_work_without_gpu_or_torch_packages():
     subprocess.run([sys.executable, "-c", code], check=True)
     done = run("--help")
     assert done.returncode == 0
-    for command in ("serve", "import", "demo", "bench", "info", "ping", "fetch"):
+    for command in ("serve", "import", "demo", "bench", "info", "ping", "fetch", "status",
+                    "keys", "devices", "compile", "compare", "service"):
         assert command in done.stdout
 
 
 def test_every_command_has_help():
-    for command in ("serve", "import", "demo", "bench", "info", "ping", "fetch"):
+    for command in ("serve", "import", "demo", "bench", "info", "ping", "fetch", "status",
+                    "keys", "devices", "compile", "compare", "service"):
         done = run(command, "--help")
         assert done.returncode == 0, done.stderr
         assert "Usage: " in done.stdout
