@@ -60,11 +60,22 @@ class ImportOptions:
     thresholds: Thresholds | None = None
     labels: Sequence[str] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    # Provenance for the manifest; default: the source file's name and sha256.
+    source: dict[str, str] | None = None
 
 
 @dataclass
 class ImportResult:
     bundle: Bundle
+    repairs: list[str]
+
+
+@dataclass
+class PreparedImport:
+    """A repaired, checked and test-run model with its manifest, not yet written anywhere."""
+
+    manifest: Manifest
+    model_bytes: bytes
     repairs: list[str]
 
 
@@ -237,6 +248,13 @@ def default_output_roles(task: Task, output_shapes: dict[str, tuple[int, ...]]) 
 
 
 def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportResult:
+    prepared = prepare_import(source, options)
+    return ImportResult(write_bundle(out_dir, prepared.manifest, prepared.model_bytes),
+                        prepared.repairs)
+
+
+def prepare_import(source: Path, options: ImportOptions) -> PreparedImport:
+    """Everything `import_onnx` does short of writing: callers can verify before they commit."""
     model = load_model(source)
     known_shapes = len(model.graph.value_info)
     repairs = drop_initializer_inputs(model) + drop_unused_initializers(model)
@@ -278,11 +296,12 @@ def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportRe
             labels=labels,
             thresholds=options.thresholds or defaults["thresholds"],
             onnx=OnnxFile(file="model.onnx", sha256=hashlib.sha256(model_bytes).hexdigest()),
-            source={"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+            source=options.source if options.source is not None else {
+                "file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
         )
     except ValidationError as exc:  # e.g. a name taken from a file stem with spaces in it
         raise BundleError(f"cannot make a bundle manifest from these options:\n{exc}") from None
-    return ImportResult(write_bundle(out_dir, manifest, model_bytes), repairs)
+    return PreparedImport(manifest, model_bytes, repairs)
 
 
 def _check_fixed_size(size: SizePolicy, dims, layout: str) -> None:
