@@ -1,0 +1,628 @@
+"""Precision variants of a bundle: FP16 (mixed precision), INT8 (explicit Q/DQ), checked vs FP32.
+
+TensorRT 11 has no precision builder flags or INT8 calibrators, so reduced precision has to
+be in the ONNX graph itself (casts, QuantizeLinear/DequantizeLinear), which TensorRT 10 and
+11 build as a strongly typed network and ONNX Runtime serves as is. This module writes such
+variants as new bundle directories and measures, with ONNX Runtime on this machine, what
+each one costs in accuracy and gains in speed. It never modifies the source bundle.
+
+Both conversions use ONNX Runtime's own tooling (`onnxruntime.transformers.float16`,
+`onnxruntime.quantization`), which ships inside the onnxruntime wheel we already depend on
+and runs on a CPU-only machine. NVIDIA ModelOpt was the alternative for INT8: its Q/DQ
+placement is tuned for TensorRT (only the inputs of weighted layers and of the residual
+adds TensorRT fuses), but it is a large, CUDA-oriented dependency, while ORT's quantiser
+is installed wherever Sightline is and writes the same standard Q/DQ operators that
+TensorRT parses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import onnx
+from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from runtime.bundle import MANIFEST_NAME, Bundle, Manifest, read_manifest, write_bundle
+from runtime.errors import BundleError, EngineError, SightlineError
+from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.results import Detection
+
+Precision = Literal["fp16", "int8"]
+
+REPORT_NAME = "quantization-report.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Tasks whose decoders produce boxes, so a variant can be judged by the boxes it finds.
+DETECTOR_TASKS = ("face", "detect")
+MATCH_IOU = 0.5
+# Per-channel QuantizeLinear/DequantizeLinear (the `axis` attribute) needs opset 13.
+QDQ_MIN_OPSET = 13
+# Op types kept in float32 in the FP16 variant, on top of ONNX Runtime's default list (ML
+# ops, TopK, NonMaxSuppression, Range, CumSum ...). Exp overflows fp16 above x = 11.1, Log
+# and Pow lose small values below fp16's 6e-5, and Softmax and the summing reductions
+# accumulate past its 11-bit mantissa. Resize stays in fp16: it interpolates (a convex
+# combination, so it cannot overflow), and ONNX Runtime's CPU provider runs it in fp16.
+FP16_UNSAFE_OPS = (
+    "Exp", "Log", "Pow", "Softmax", "LogSoftmax",
+    "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd",
+)
+# Distinct preprocessed frames the latency loop cycles through.
+LATENCY_FRAMES = 8
+WARMUP_RUNS = 3
+
+
+class QuantizationError(SightlineError):
+    """A precision variant cannot be made from these inputs (images, folders, graph)."""
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """How far one output of the variant is from FP32, over all evaluation images."""
+
+    name: str
+    role: str | None
+    max_abs: float
+    mean_abs: float
+    relative: float | None  # mean |variant - fp32| / mean |fp32|; None when fp32 is all zeros
+
+
+@dataclass(frozen=True)
+class BoxAgreement:
+    """Variant detections matched one-to-one to FP32 ones (same class, IoU >= iou_threshold)."""
+
+    iou_threshold: float
+    reference: int  # FP32 detections over all evaluation images
+    variant: int
+    matched: int
+    recall: float | None  # matched / reference; None when FP32 found nothing
+    precision: float | None  # matched / variant; None when the variant found nothing
+    mean_iou: float | None  # over matched pairs
+
+
+@dataclass(frozen=True)
+class Latency:
+    """`engine.infer` time of FP32 and the variant, sampled alternately in the same loop."""
+
+    samples: int
+    fp32_p50_ms: float
+    fp32_p99_ms: float
+    variant_p50_ms: float
+    variant_p99_ms: float
+    ratio_p50: float  # variant / fp32: below 1 is faster
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    directory: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    directory: str
+    images: int  # images actually used
+    skipped: tuple[str, ...]  # files that looked like images but did not decode
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    bundle: str
+    task: str
+    precision: Precision
+    method: str
+    source: ModelFile
+    variant: ModelFile
+    calibration: ImageSet | None  # FP16 needs no calibration
+    evaluation: ImageSet
+    in_sample: bool  # evaluated on the calibration images themselves
+    provider: str
+    onnxruntime: str
+    outputs: tuple[OutputError, ...]
+    boxes: BoxAgreement | None  # None for tasks without boxes
+    latency: Latency
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    bundle: Bundle
+    report: QuantizationReport
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def find_images(directory: Path, option: str = "--calib") -> list[Path]:
+    """Image files directly inside `directory` whose format OpenCV recognises, sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise QuantizationError(f"{option} {directory}: no such folder")
+    candidates = sorted(p for p in directory.iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    readable = [p for p in candidates if cv2.haveImageReader(str(p))]
+    if not readable:
+        found = f"{len(candidates)} files named like images, none readable" if candidates else \
+            "no .jpg, .jpeg or .png files"
+        raise QuantizationError(
+            f"{option} {directory} holds no readable images ({found}); put frames like the ones "
+            "the model will see there, as .jpg or .png")
+    return readable
+
+
+def _check_source(bundle: Bundle, model: onnx.ModelProto) -> None:
+    manifest = bundle.manifest
+    if manifest.precision != "fp32":
+        origin = manifest.source.get("variant_of", "an fp32 bundle")
+        raise BundleError(
+            f"{bundle.directory} is already an {manifest.precision} variant (of {origin}); "
+            "make variants from the fp32 bundle")
+    ops = {node.op_type for node in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}:
+        raise BundleError(f"{bundle.directory}: the graph is already quantised (it holds Q/DQ "
+                          "nodes) although its manifest says fp32; quantise the original model")
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        raise BundleError(f"{bundle.directory}: the graph already holds float16 weights although "
+                          "its manifest says fp32; convert the original float32 model")
+    image = next((i for i in model.graph.input if i.name == manifest.input.name), None)
+    if image is None or image.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise BundleError(f"{bundle.directory}: input {manifest.input.name!r} is not a float32 "
+                          "graph input; only float32 models can be converted")
+
+
+def _check_out_dir(out_dir: Path, bundle: Bundle) -> None:
+    # write_bundle replaces whatever is at out_dir, so only an earlier variant of this same
+    # model may be there: never the source itself, an fp32 bundle, or a user's own folder.
+    if out_dir.resolve() == bundle.directory.resolve():
+        raise QuantizationError(f"--out {out_dir} is the source bundle itself; "
+                                "choose another folder")
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    reason = "it is not a bundle"
+    if (out_dir / MANIFEST_NAME).is_file():
+        try:
+            existing = read_manifest(out_dir)
+        except BundleError:
+            existing = None
+        if existing is not None and existing.name == bundle.name and existing.precision != "fp32":
+            return
+        reason = "it holds another bundle"
+    raise QuantizationError(f"--out {out_dir} already exists and {reason}; choose another folder "
+                            "or remove it")
+
+
+def _read_images(paths: Sequence[Path], skipped: list[str]) -> Iterator[np.ndarray]:
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:  # truncated or corrupt despite a valid header
+            if path.name not in skipped:
+                skipped.append(path.name)
+            continue
+        yield image
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Mixed precision: float16 weights and activations, float32 inputs, outputs and unsafe ops."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE_OPS])
+    # The converter appends its input casts at the end of the node list; the ONNX checker
+    # (and some parsers) require nodes in topological order.
+    _sort_topologically(converted.graph)
+    return converted
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise QuantizationError("the converted graph has a cycle or a dangling input "
+                                    f"({waiting[0].op_type} node {waiting[0].name!r})")
+        pending = waiting
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def to_int8(bundle: Bundle, model: onnx.ModelProto, images: Sequence[Path], skipped: list[str],
+            workdir: Path, progress: Progress) -> onnx.ModelProto:
+    """Explicit INT8: symmetric Q/DQ, per-channel weights, activation ranges from `images`."""
+    from onnx import version_converter
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < QDQ_MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, QDQ_MIN_OPSET)
+        except Exception as exc:  # the converter raises plain RuntimeErrors per op
+            raise QuantizationError(f"cannot raise the model's opset {opset} to {QDQ_MIN_OPSET} "
+                                    f"(needed for per-channel Q/DQ): {exc}") from None
+    source, prepared, quantized = (workdir / n for n in ("source.onnx", "pre.onnx", "int8.onnx"))
+    onnx.save(model, source)
+    # Folds BatchNorm into Conv and constants away so ranges are measured on the graph that
+    # gets quantised. Symbolic shape inference is skipped: it needs sympy (not a dependency
+    # of ours) and helps transformer graphs; ONNX's own shape inference covers image models.
+    try:
+        quant_pre_process(source, prepared, skip_symbolic_shape=True)
+    except Exception as exc:
+        raise QuantizationError(f"ONNX Runtime cannot prepare the model for quantisation: "
+                                f"{exc}") from exc
+    # The nodes that produce graph outputs stay in float (ModelOpt does the same): the
+    # decoder then reads full-precision scores and box terms. On CenterFace this halved the
+    # heatmap's error for the price of three small head convolutions and a Sigmoid. ORT's
+    # exclusion list works by node name, which exported graphs often leave empty.
+    prepared_model = onnx.load(prepared)
+    for index, node in enumerate(prepared_model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    graph_outputs = {o.name for o in prepared_model.graph.output}
+    output_nodes = [n.name for n in prepared_model.graph.node if set(n.output) & graph_outputs]
+    onnx.save(prepared_model, prepared)
+
+    pre = Preprocessor(bundle.manifest.input, bundle.manifest.preprocess)
+    input_name = bundle.manifest.input.name
+    calibrate_task = progress.add_task("calibrating", total=len(images))
+
+    class Frames(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rewind()
+
+        def rewind(self) -> None:
+            self._images = _read_images(images, skipped)
+            self.fed = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self._images, None)
+            if image is None:
+                return None
+            tensor, _ = pre(image, "bgr")
+            self.fed += 1
+            progress.advance(calibrate_task)
+            return {input_name: tensor.copy()}  # the preprocessor reuses its buffers
+
+    frames = Frames()
+    # TensorRT accepts only zero-point-0 INT8, hence symmetric activations and weights.
+    # MinMax calibration: a detector's informative activations are its rare peaks (a face's
+    # heatmap response), which percentile or entropy clipping would cut to buy resolution
+    # for the background, and a handful of calibration frames gives no clipping statistics
+    # worth trusting. Measured on CenterFace (24 frames, 640x480, ORT 1.32): Entropy gave
+    # ranges identical to MinMax; Percentile matched boxes slightly better (mean IoU 0.95
+    # vs 0.93) but peaked at 9.7 GB of memory (its calibrator keeps every activation of
+    # every frame) and took 3.5x as long, a trap for a real calibration set. ORT's
+    # CalibMaxIntermediateOutputs, which would bound that, drops each full chunk without
+    # merging it into the ranges, so it is not used either.
+    try:
+        quantize_static(
+            prepared, quantized, frames,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_providers=["CPUExecutionProvider"],
+            nodes_to_exclude=output_nodes,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+            },
+        )
+    except Exception as exc:
+        if frames.fed == 0:
+            raise QuantizationError(f"none of the {len(images)} calibration images could be "
+                                    f"decoded ({', '.join(skipped[:3])} ...)") from None
+        raise QuantizationError(f"ONNX Runtime could not quantise the model: {exc}") from exc
+    return onnx.load(quantized)
+
+
+# -- checking against FP32 ------------------------------------------------------------------
+
+
+class _OutputStats:
+    def __init__(self, name: str, role: str | None) -> None:
+        self.name, self.role = name, role
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.sum_ref = 0.0
+        self.count = 0
+
+    def add(self, reference: np.ndarray, variant: np.ndarray) -> None:
+        diff = np.abs(variant.astype(np.float64) - reference)
+        self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
+        self.sum_abs += float(diff.sum())
+        self.sum_ref += float(np.abs(reference).sum(dtype=np.float64))
+        self.count += diff.size
+
+    def result(self) -> OutputError:
+        return OutputError(self.name, self.role, self.max_abs, self.sum_abs / max(1, self.count),
+                           self.sum_abs / self.sum_ref if self.sum_ref > 0 else None)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of [N, 4] and [M, 4] x1y1x2y2 boxes."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_detections(reference: Sequence[Detection], variant: Sequence[Detection],
+                     threshold: float = MATCH_IOU) -> list[float]:
+    """IoUs of one-to-one matches, best pairs first, between detections of the same class."""
+    if not reference or not variant:
+        return []
+    iou = box_iou(np.array([d.box for d in reference]), np.array([d.box for d in variant]))
+    same_class = (np.array([d.class_id for d in reference])[:, None]
+                  == np.array([d.class_id for d in variant])[None, :])
+    iou = np.where(same_class, iou, 0.0)
+    matched, used_ref, used_var = [], set(), set()
+    for flat in np.argsort(-iou, axis=None):
+        i, j = divmod(int(flat), iou.shape[1])
+        if iou[i, j] < threshold:
+            break
+        if i not in used_ref and j not in used_var:
+            used_ref.add(i)
+            used_var.add(j)
+            matched.append(float(iou[i, j]))
+    return matched
+
+
+def compare(bundle: Bundle, variant_path: Path, images: Sequence[Path], skipped: list[str],
+            runs: int, progress: Progress) -> tuple[tuple[OutputError, ...], BoxAgreement | None,
+                                               Latency, str]:
+    """Run FP32 and the variant side by side in ONNX Runtime on the CPU, as the daemon would."""
+    from runtime.engines import EngineSettings, open_engine
+    from runtime.tasks import make_decoder
+
+    manifest = bundle.manifest
+    settings = EngineSettings(providers=("CPUExecutionProvider",))
+    reference = open_engine(bundle.onnx_path, settings)
+    try:
+        variant = open_engine(variant_path, settings)
+    except EngineError as exc:
+        reference.close()
+        raise QuantizationError(f"ONNX Runtime cannot run the variant: {exc}") from None
+    try:
+        roles = {name: role for role, name in manifest.outputs.items()}
+        stats = {o.name: _OutputStats(o.name, roles.get(o.name)) for o in reference.outputs}
+        decoder = make_decoder(manifest) if manifest.task in DETECTOR_TASKS else None
+        pre = Preprocessor(manifest.input, manifest.preprocess)
+        feeds: list[dict[str, np.ndarray]] = []
+        counts, ious = [0, 0], []
+        task = progress.add_task("checking against fp32", total=len(images))
+        for image in _read_images(images, skipped):
+            tensor, transform = pre(image, "bgr")
+            feed = {manifest.input.name: tensor}
+            expected, actual = reference.infer(feed), variant.infer(feed)
+            for name, value in actual.items():
+                if not np.all(np.isfinite(value)):
+                    raise QuantizationError(
+                        f"the variant's output {name!r} is not finite on a "
+                        f"{transform.input_width}x{transform.input_height} input; an op "
+                        "overflows in reduced precision")
+                stats[name].add(expected[name], value)
+            if decoder is not None:
+                ious += _agreement(decoder, expected, actual, transform, counts)
+            if len(feeds) < LATENCY_FRAMES:
+                feeds.append({manifest.input.name: tensor.copy()})
+            progress.advance(task)
+        if not feeds:
+            raise QuantizationError("none of the evaluation images could be decoded")
+        boxes = None
+        if decoder is not None:
+            boxes = BoxAgreement(
+                MATCH_IOU, counts[0], counts[1], len(ious),
+                len(ious) / counts[0] if counts[0] else None,
+                len(ious) / counts[1] if counts[1] else None,
+                float(np.mean(ious)) if ious else None)
+        latency = _latency(reference, variant, feeds, runs, progress)
+        return (tuple(s.result() for s in stats.values()), boxes, latency, variant.provider)
+    finally:
+        reference.close()
+        variant.close()
+
+
+def _agreement(decoder, expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+               transform: FrameTransform, counts: list[int]) -> list[float]:
+    found_reference = decoder(expected, transform).detections
+    found_variant = decoder(actual, transform).detections
+    counts[0] += len(found_reference)
+    counts[1] += len(found_variant)
+    return match_detections(found_reference, found_variant)
+
+
+def _latency(reference, variant, feeds: list[dict[str, np.ndarray]], runs: int,
+             progress: Progress) -> Latency:
+    for engine in (reference, variant):
+        for _ in range(WARMUP_RUNS):
+            engine.infer(feeds[0])
+    times: tuple[list[float], list[float]] = ([], [])
+    task = progress.add_task("timing fp32 vs variant", total=runs)
+    for i in range(runs):
+        feed = feeds[i % len(feeds)]
+        # Alternate which model goes first, so neither always runs on caches the other warmed.
+        order = ((0, reference), (1, variant)) if i % 2 == 0 else ((1, variant), (0, reference))
+        for slot, engine in order:
+            start = time.perf_counter()
+            engine.infer(feed)
+            times[slot].append((time.perf_counter() - start) * 1000.0)
+        progress.advance(task)
+    fp32, var = (np.asarray(t) for t in times)
+    return Latency(runs, float(np.median(fp32)), float(np.percentile(fp32, 99)),
+                   float(np.median(var)), float(np.percentile(var, 99)),
+                   float(np.median(var) / np.median(fp32)))
+
+
+# -- the whole step -------------------------------------------------------------------------
+
+
+def quantize_bundle(bundle: Bundle, precision: Precision, calib_dir: Path, out_dir: Path, *,
+                    eval_dir: Path | None = None, runs: int = 50,
+                    console=None) -> QuantizeResult:
+    """Write the `precision` variant of an fp32 bundle to `out_dir`, with its report.
+
+    `calib_dir` holds INT8 calibration frames, and is where both variants are checked
+    unless `eval_dir` is given. `console` (a rich Console) shows progress; None is silent.
+    """
+    import onnxruntime
+
+    if precision not in ("fp16", "int8"):
+        raise QuantizationError(f"precision must be fp16 or int8, not {precision!r}")
+    if runs < 1:
+        raise QuantizationError("runs must be at least 1")
+    out_dir = Path(out_dir)
+    model = onnx.load(str(bundle.onnx_path))
+    _check_source(bundle, model)
+    _check_out_dir(out_dir, bundle)
+    calib_images = find_images(calib_dir, "--calib")
+    eval_images = find_images(eval_dir, "--eval") if eval_dir is not None else calib_images
+    calib_skipped: list[str] = []
+    eval_skipped: list[str] = []
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        console=console, transient=True, disable=console is None)
+    with progress, tempfile.TemporaryDirectory(prefix="sightline-quantize-") as tmp:
+        workdir = Path(tmp)
+        if precision == "fp16":
+            converted = to_fp16(model)
+            method = ("float16 weights and activations, float32 I/O; kept in float32: "
+                      + ", ".join(FP16_UNSAFE_OPS) + " and ONNX Runtime's default block list")
+        else:
+            converted = to_int8(bundle, model, calib_images, calib_skipped, workdir, progress)
+            method = ("QDQ int8, symmetric activations and weights, per-channel weights, "
+                      "output-producing nodes in float, minmax calibration "
+                      "(onnxruntime.quantization)")
+        try:
+            onnx.checker.check_model(converted, full_check=True)
+        except Exception as exc:
+            raise QuantizationError(
+                f"the {precision} graph fails the ONNX checker: {exc}") from None
+        variant_bytes = converted.SerializeToString()
+        variant_path = workdir / "variant.onnx"
+        variant_path.write_bytes(variant_bytes)
+        outputs, boxes, latency, provider = compare(bundle, variant_path, eval_images,
+                                                    eval_skipped, runs, progress)
+
+    variant = _write_variant(bundle, precision, method, variant_bytes, out_dir)
+    source_sha = bundle.manifest.onnx.sha256
+    report = QuantizationReport(
+        bundle=f"{bundle.name}@{bundle.version}",
+        task=bundle.manifest.task,
+        precision=precision,
+        method=method,
+        source=ModelFile(str(bundle.directory), source_sha, bundle.onnx_path.stat().st_size),
+        variant=ModelFile(str(variant.directory), variant.manifest.onnx.sha256, len(variant_bytes)),
+        calibration=(ImageSet(str(calib_dir), len(calib_images) - len(calib_skipped),
+                              tuple(calib_skipped)) if precision == "int8" else None),
+        evaluation=ImageSet(str(eval_dir or calib_dir), len(eval_images) - len(eval_skipped),
+                            tuple(eval_skipped)),
+        in_sample=eval_dir is None,
+        provider=provider,
+        onnxruntime=onnxruntime.__version__,
+        outputs=outputs,
+        boxes=boxes,
+        latency=latency,
+    )
+    (variant.directory / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return QuantizeResult(variant, report)
+
+
+def _write_variant(bundle: Bundle, precision: Precision, method: str, onnx_bytes: bytes,
+                   out_dir: Path) -> Bundle:
+    import hashlib
+
+    manifest = bundle.manifest
+    try:
+        variant_manifest = Manifest.model_validate({
+            **manifest.model_dump(),
+            "precision": precision,
+            "onnx": {"file": manifest.onnx.file, "sha256": hashlib.sha256(onnx_bytes).hexdigest()},
+            "source": {
+                **manifest.source,
+                "variant_of": f"{manifest.name}@{manifest.version}",
+                "variant_of_sha256": manifest.onnx.sha256,
+                "quantization": method,
+            },
+        })
+    except ValidationError as exc:
+        raise BundleError(f"cannot make the variant's manifest:\n{exc}") from None
+    return write_bundle(out_dir, variant_manifest, onnx_bytes)
+
+
+# -- presentation ---------------------------------------------------------------------------
+
+
+def report_tables(report: QuantizationReport) -> list:
+    """rich Tables for the CLI: per-output error, then boxes, speed and size."""
+    from rich.table import Table
+
+    images = f"{report.evaluation.images} " + ("calibration images" if report.in_sample
+                                               else "evaluation images")
+    errors = Table(title=f"{report.bundle}: {report.precision} vs fp32 outputs on {images}",
+                   title_justify="left")
+    errors.add_column("output")
+    errors.add_column("role")
+    for column in ("max |err|", "mean |err|", "relative"):
+        errors.add_column(column, justify="right")
+    for out in report.outputs:
+        relative = f"{out.relative:.2%}" if out.relative is not None else "n/a"
+        errors.add_row(out.name, out.role or "", f"{out.max_abs:.4g}", f"{out.mean_abs:.4g}",
+                       relative)
+
+    lat = report.latency
+    summary = Table(title=f"{lat.samples} interleaved runs each on {report.provider}",
+                    title_justify="left")
+    summary.add_column("")
+    summary.add_column("fp32", justify="right")
+    summary.add_column(report.precision, justify="right")
+    summary.add_column(f"{report.precision} / fp32", justify="right")
+    if report.boxes is not None:
+        b = report.boxes
+        summary.add_row("detections", str(b.reference), str(b.variant),
+                        f"{b.matched} matched (IoU >= {b.iou_threshold})")
+        summary.add_row("recall / precision", "", "", f"{_fmt(b.recall)} / {_fmt(b.precision)}")
+        summary.add_row("mean IoU of matches", "", "", _fmt(b.mean_iou))
+    summary.add_row("latency p50 ms", f"{lat.fp32_p50_ms:.2f}", f"{lat.variant_p50_ms:.2f}",
+                    f"{lat.ratio_p50:.2f}x")
+    summary.add_row("latency p99 ms", f"{lat.fp32_p99_ms:.2f}", f"{lat.variant_p99_ms:.2f}", "")
+    summary.add_row("model MB", f"{report.source.bytes / 1e6:.2f}",
+                    f"{report.variant.bytes / 1e6:.2f}",
+                    f"{report.variant.bytes / report.source.bytes:.2f}x")
+    return [errors, summary]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
