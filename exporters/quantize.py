@@ -491,11 +491,13 @@ def _latency(reference, variant, feeds: list[dict[str, np.ndarray]], runs: int,
 
 def quantize_bundle(bundle: Bundle, precision: Precision, calib_dir: Path, out_dir: Path, *,
                     eval_dir: Path | None = None, runs: int = 50,
-                    console=None) -> QuantizeResult:
+                    min_recall: float = 0.9, console=None) -> QuantizeResult:
     """Write the `precision` variant of an fp32 bundle to `out_dir`, with its report.
 
     `calib_dir` holds INT8 calibration frames, and is where both variants are checked
     unless `eval_dir` is given. `console` (a rich Console) shows progress; None is silent.
+    A detector variant that finds fewer than `min_recall` of FP32's detections is refused
+    and not written: `serve` would otherwise prefer it on devices whose profile asks for it.
     """
     import onnxruntime
 
@@ -535,6 +537,12 @@ def quantize_bundle(bundle: Bundle, precision: Precision, calib_dir: Path, out_d
         variant_path.write_bytes(variant_bytes)
         outputs, boxes, latency, provider = compare(bundle, variant_path, eval_images,
                                                     eval_skipped, runs, progress)
+    if boxes is not None and boxes.recall is not None and boxes.recall < min_recall:
+        raise QuantizationError(
+            f"the {precision} variant keeps only {boxes.recall:.0%} of FP32's detections "
+            f"(minimum {min_recall:.0%}; precision {_fmt(boxes.precision)}, mean IoU "
+            f"{_fmt(boxes.mean_iou)}); nothing was written. Calibrate on more varied images "
+            "(--calib) or accept it with --min-recall 0")
 
     variant = _write_variant(bundle, precision, method, variant_bytes, out_dir)
     source_sha = bundle.manifest.onnx.sha256

@@ -524,7 +524,9 @@ def _print_devices(platform, profile) -> None:
                    "-fp16 / -int8, where `serve` and `compare` look for variants).")
 @click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Latency samples per model, FP32 and variant interleaved.")
-def quantize(bundle, precision, calib_dir, eval_dir, out, runs) -> None:
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Detectors: refuse a variant that finds fewer of FP32's detections.")
+def quantize(bundle, precision, calib_dir, eval_dir, out, runs, min_recall) -> None:
     """Write an FP16 or INT8 variant of a bundle and check it against FP32.
 
     The variant is a new bundle (same name and version, manifest precision set) whose graph
@@ -539,7 +541,7 @@ def quantize(bundle, precision, calib_dir, eval_dir, out, runs) -> None:
     source = resolve_bundle(bundle)
     out = out or variant_path(source, precision)
     result = quantize_bundle(source, precision, calib_dir, out, eval_dir=eval_dir, runs=runs,
-                             console=err_console)
+                             min_recall=min_recall, console=err_console)
     console = Console()
     for table in report_tables(result.report):
         console.print(table)

@@ -7,6 +7,7 @@ at FP32 (the reference) and latencies are measured interleaved, as Polygraphy do
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,8 @@ def sample_inputs(bundle: Bundle, count: int, frame_size=(640, 480)) -> list[np.
 
 def compare(bundle: Bundle, variants: list[Bundle], *, inputs: int = 4, repeats: int = 20,
             console: Console | None = None) -> list[dict]:
-    console = console or Console()
+    # piped output (logs, CI) gets full-width rows instead of truncated backend names
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     feeds = sample_inputs(bundle, inputs)
     name = bundle.manifest.input.name
     runs: list[BackendRun] = []

@@ -291,6 +291,7 @@ class Server:
     def _model_info(self) -> list[dict]:
         return [
             {"name": name, "version": p.bundle.version, "task": p.bundle.manifest.task,
+             "precision": p.bundle.manifest.precision,
              "provider": p.engine.provider, "labels": list(p.bundle.manifest.labels),
              "default": name == self.default_model}
             for name, p in self._pipelines.items()
