@@ -45,6 +45,14 @@ _instance = itertools.count()
 POLL_MS = 100
 
 
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The CURVE public key (Z85) ZAP accepted for this message's connection, if any."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:  # no such property: the message did not come through a handshake
+        return None
+
+
 class RateLimiter:
     """Token bucket: `rate` frames per second on average, bursts of up to one second's worth."""
 
@@ -139,6 +147,11 @@ class Server:
                         "any process that reaches %s can stream frames. Development only.",
                         ", ".join(self.config.server.endpoints))
             return
+        inproc = [e for e in self.config.server.endpoints if e.startswith("inproc://")]
+        if inproc:
+            router.close()
+            raise ConfigError(f"{inproc[0]}: inproc endpoints have no CURVE handshake, so they "
+                              'exist in plain mode only (security.mode = "plain")')
         keys = security.resolved_keys_dir()
         secret = keys / f"{DAEMON_KEY_NAME}.key_secret"
         if not secret.is_file():
@@ -229,7 +242,7 @@ class Server:
         if not parts:
             raise ProtocolError(ErrorCode.MALFORMED, "message has no header part")
         if self._authenticator is not None and \
-                identity.get("User-Id") not in self._authenticator.allowed:
+                _user_id(identity) not in self._authenticator.allowed:
             raise ProtocolError(ErrorCode.NOT_ENROLLED,
                                 "this headset's key is no longer enrolled (revoked)")
         header = parse_header(parts[0].buffer)

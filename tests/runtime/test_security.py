@@ -223,3 +223,11 @@ def test_peer_that_never_completes_the_handshake_is_disconnected(daemon_factory,
     waited = time.monotonic() - started
     silent.close()
     assert waited < 12, f"silent peer kept for {waited:.1f} s (handshake timeout is 5 s)"
+
+
+def test_curve_daemon_refuses_an_inproc_endpoint_it_could_not_authenticate(short_tmp,
+                                                                         curve_keys):
+    done = subprocess.run([*SIGHTLINE, "serve", "--keys", str(curve_keys.keys_dir), "--bind",
+                           "inproc://sightline", "--control", f"ipc://{short_tmp}/c.sock"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "inproc" in done.stderr and "plain" in done.stderr
