@@ -56,6 +56,25 @@ class Reply:
         return {k: tensor_from_wire(v) for k, v in self.message.get("tensors", {}).items()}
 
     @property
+    def tracks(self) -> list[dict[str, Any]]:
+        """Tracked detections (track_id, detection, anchor) when spatial results were asked."""
+        return self.message.get("tracks", [])
+
+    @property
+    def planes(self) -> list[dict[str, Any]]:
+        return self.message.get("planes", {}).get("planes", [])
+
+    @property
+    def annotated(self) -> np.ndarray | None:
+        """The daemon's annotated frame (BGR), when `annotate` was asked for."""
+        jpeg = self.message.get("annotated_jpeg")
+        if not jpeg:
+            return None
+        import cv2
+
+        return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+
+    @property
     def stamps(self) -> dict[str, float]:
         return self.message.get("t", {})
 
@@ -128,12 +147,20 @@ class Client:
     # -- user side ----------------------------------------------------------------------
     def send(self, image: np.ndarray, *, encoding: str | None = None,
              capture_ts: float | None = None, pose: Sequence[float] | None = None,
-             intrinsics: Sequence[float] | None = None, model: str | None = None) -> int | None:
+             intrinsics: Sequence[float] | None = None, model: str | None = None,
+             depth: np.ndarray | None = None, spatial: bool = False, planes: bool = False,
+             annotate: bool = False) -> int | None:
         """Send a raw HxWx3 (BGR unless `encoding` says rgb8) or HxW gray frame.
 
         Returns the frame's sequence number, or None if it was not sent because the
-        in-flight window is full. The array must not be modified until its reply arrives
-        (it is sent without a copy).
+        in-flight window is full. The arrays must not be modified until the reply arrives
+        (they are sent without a copy).
+
+        Spatial requests: `depth` (HxW uint16 millimetres or float32 metres, registered to
+        the colour frame, any resolution of the same aspect) with `intrinsics` [fx, fy, cx,
+        cy] of the colour camera and `pose` (camera-to-world 4x4, row-major); `spatial`
+        asks for track ids and 3D anchors, `planes` for scene planes, `annotate` for the
+        frame back as JPEG with the overlays drawn.
         """
         image = np.ascontiguousarray(image, dtype=np.uint8)
         channels = 1 if image.ndim == 2 else image.shape[2]
@@ -141,16 +168,29 @@ class Client:
         if encoding is None:
             raise ValueError(f"cannot send a {image.shape} array: expected HxW or HxWx3 uint8")
         height, width = image.shape[:2]
-        return self._send(image, width, height, encoding, capture_ts, pose, intrinsics, model)
+        extra: dict[str, Any] = {}
+        parts: list = [image]
+        if depth is not None:
+            depth = np.ascontiguousarray(depth)
+            if depth.ndim != 2 or depth.dtype not in (np.uint16, np.float32):
+                raise ValueError("depth must be HxW uint16 (mm) or float32 (m)")
+            extra["depth"] = {"w": depth.shape[1], "h": depth.shape[0],
+                              "enc": "u16mm" if depth.dtype == np.uint16 else "f32m"}
+            parts.append(depth.astype(depth.dtype.newbyteorder("<"), copy=False))
+        for flag, value in (("spatial", spatial), ("planes", planes), ("annotate", annotate)):
+            if value:
+                extra[flag] = True
+        return self._send(parts, width, height, encoding, capture_ts, pose, intrinsics, model,
+                          extra)
 
     def send_jpeg(self, jpeg: bytes, width: int, height: int, *, capture_ts: float | None = None,
                   pose: Sequence[float] | None = None,
                   intrinsics: Sequence[float] | None = None,
                   model: str | None = None) -> int | None:
-        return self._send(jpeg, width, height, "jpeg", capture_ts, pose, intrinsics, model)
+        return self._send([jpeg], width, height, "jpeg", capture_ts, pose, intrinsics, model)
 
-    def _send(self, payload, width, height, encoding, capture_ts, pose, intrinsics,
-              model) -> int | None:
+    def _send(self, payload: list, width, height, encoding, capture_ts, pose, intrinsics,
+              model, extra: dict | None = None) -> int | None:
         with self._lock:
             if self._in_flight >= self.max_in_flight:
                 self.counters.not_sent += 1
@@ -166,7 +206,8 @@ class Client:
                 header["pose"] = [float(v) for v in pose]
             if intrinsics is not None:
                 header["intrinsics"] = [float(v) for v in intrinsics]
-            self._outbox.send_multipart([encode_request(header), payload], copy=False)
+            header.update(extra or {})
+            self._outbox.send_multipart([encode_request(header), *payload], copy=False)
             return seq
 
     def recv(self, timeout: float | None = None) -> Reply | None:

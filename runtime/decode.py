@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from runtime.errors import ProtocolError
-from runtime.protocol import RAW_ENCODINGS, ErrorCode, FrameHeader
+from runtime.protocol import RAW_ENCODINGS, DepthSpec, ErrorCode, FrameHeader
 
 # Start-of-frame markers SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC), which share the range.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -97,3 +97,14 @@ def _decode_jpeg(header: FrameHeader, payload: memoryview | bytes) -> tuple[np.n
             f"JPEG is {width}x{height} but the header declares {header.width}x{header.height}",
         )
     return image, "bgr"
+
+
+def decode_depth(spec: DepthSpec, payload: memoryview | bytes) -> np.ndarray:
+    """Depth part -> HxW uint16 (millimetres) or float32 (metres) view, size-checked."""
+    if len(payload) != spec.nbytes:
+        raise ProtocolError(
+            ErrorCode.BAD_PAYLOAD_SIZE,
+            f"depth part is {len(payload)} bytes but {spec.width}x{spec.height} {spec.encoding} "
+            f"needs {spec.nbytes}")
+    dtype = np.dtype("<u2") if spec.encoding == "u16mm" else np.dtype("<f4")
+    return np.frombuffer(payload, dtype=dtype).reshape(spec.height, spec.width)

@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 
 from runtime.bundle import Bundle
-from runtime.decode import decode_pixels
+from runtime.decode import decode_depth, decode_pixels
 from runtime.engines import Engine
 from runtime.errors import ProtocolError, SightlineError
 from runtime.latest import LatestSlots
@@ -35,7 +35,8 @@ class FrameJob:
     header: FrameHeader
     payload: memoryview | bytes
     received: float  # server wall clock, seconds
-    keepalive: object = None  # the zmq.Frame backing `payload`, kept alive until done
+    keepalive: object = None  # the zmq.Frames backing the buffers, kept alive until done
+    depth: memoryview | bytes | None = None
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ class _Prepared:
     tensor: np.ndarray
     transform: FrameTransform
     stamps: dict[str, float]
+    image: np.ndarray  # decoded frame, for the annotated reply
+    depth: np.ndarray | None
 
 
 class PipelineCounters:
@@ -72,6 +75,7 @@ class ModelPipeline:
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
         self._slots: LatestSlots[FrameJob] = LatestSlots()
+        self._spatial = None  # SpatialStage, made when a frame first asks for it
         # Capacity 1 hand-over: at most one frame prepared ahead of the one in the engine.
         self._ready: queue.Queue[_Prepared] = queue.Queue(maxsize=1)
         self._free = threading.Semaphore(1)
@@ -94,6 +98,8 @@ class ModelPipeline:
 
     def forget(self, client: bytes) -> None:
         self._slots.forget(client)
+        if self._spatial is not None:
+            self._spatial.forget(client)  # racy with the infer thread only for a gone client
 
     def healthy(self, stall_s: float = 5.0) -> bool:
         """Both threads alive and turning (a stuck engine call shows as a stale beat)."""
@@ -153,6 +159,8 @@ class ModelPipeline:
             return None
         try:
             image, color = decode_pixels(job.header, job.payload)
+            depth = (decode_depth(job.header.depth, job.depth)
+                     if job.header.depth is not None else None)
             decoded = time.time()
             tensor, transform = self._preprocess(image, color)
         except ProtocolError as exc:
@@ -166,7 +174,7 @@ class ModelPipeline:
                 job.header.seq, ErrorCode.INTERNAL, f"preprocessing failed: {exc}")])
             return None
         stamps = {"received": job.received, "decoded": decoded, "preprocessed": time.time()}
-        return _Prepared(client, job, tensor, transform, stamps)
+        return _Prepared(client, job, tensor, transform, stamps, image, depth)
 
     def _expired(self, client: bytes, job: FrameJob, replies: zmq.Socket) -> bool:
         if time.time() - job.received <= self._deadline_s:
@@ -211,6 +219,37 @@ class ModelPipeline:
         item.stamps["inferred"] = time.time()
         result = self._decode_outputs(outputs, item.transform)
         item.stamps["postprocessed"] = time.time()
+        header = item.job.header
+        extra = {}
+        if header.wants_spatial:
+            extra = self._spatial_stage().process(item.client, header, result, item.depth)
+            item.stamps["spatial"] = time.time()
+        if header.annotate:
+            extra["annotated_jpeg"] = annotate(item.image, header, result, extra)
+            item.stamps["annotated"] = time.time()
         self.counters.add("results")
-        return encode_result(item.job.header, name, version, result, item.stamps,
-                             self._slots.dropped(item.client))
+        return encode_result(header, name, version, result, item.stamps,
+                             self._slots.dropped(item.client), extra)
+
+    def _spatial_stage(self):
+        if self._spatial is None:  # created on first use: it loads Open3D (about 1 s)
+            from runtime.spatial_stage import SpatialStage
+
+            self._spatial = SpatialStage()
+        return self._spatial
+
+
+def annotate(image: np.ndarray, header: FrameHeader, result, extra: dict) -> bytes:
+    """The frame as JPEG with what the reply carries drawn on it (thin clients, debug view)."""
+    import cv2
+
+    from runtime.overlay import draw_reply
+
+    bgr = image if image.ndim == 2 or header.encoding != "rgb8" else image[:, :, ::-1]
+    message = {"detections": [d.to_wire() for d in result.detections], **extra}
+    if header.intrinsics is not None:
+        message["intrinsics"] = list(header.intrinsics)
+    if header.pose is not None:
+        message["pose"] = list(header.pose)
+    ok, jpeg = cv2.imencode(".jpg", draw_reply(bgr, message), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return jpeg.tobytes() if ok else b""

@@ -37,6 +37,21 @@ class ErrorCode:
     INTERNAL = "INTERNAL"
 
 
+# depth encoding -> bytes per pixel: uint16 millimetres or float32 metres, little-endian
+DEPTH_ENCODINGS = {"u16mm": 2, "f32m": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class DepthSpec:
+    width: int
+    height: int
+    encoding: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.height * DEPTH_ENCODINGS[self.encoding]
+
+
 @dataclass(frozen=True, slots=True)
 class FrameHeader:
     seq: int
@@ -47,6 +62,15 @@ class FrameHeader:
     model: str | None = None
     pose: tuple[float, ...] | None = None
     intrinsics: tuple[float, ...] | None = None
+    # v1 extensions (optional, ignored by nothing): a depth part and what to compute
+    depth: DepthSpec | None = None
+    spatial: bool = False  # track ids + smoothing, and 3D anchors when depth is given
+    planes: bool = False  # scene planes from the depth frame
+    annotate: bool = False  # reply carries the frame as JPEG with the overlays drawn
+
+    @property
+    def wants_spatial(self) -> bool:
+        return self.spatial or self.planes
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +144,34 @@ def parse_header(raw: bytes | memoryview) -> FrameHeader | PingHeader:
         model=_field(header, "model", str, required=False),
         pose=_floats(header, "pose", 16),
         intrinsics=_floats(header, "intrinsics", 4),
+        depth=_depth(header),
+        spatial=_flag(header, "spatial"),
+        planes=_flag(header, "planes"),
+        annotate=_flag(header, "annotate"),
     )
+
+
+def _flag(header: dict, key: str) -> bool:
+    value = header.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"header field {key!r} must be true or false")
+    return value
+
+
+def _depth(header: dict) -> DepthSpec | None:
+    spec = _field(header, "depth", dict, required=False)
+    if spec is None:
+        return None
+    width, height = _field(spec, "w", int), _field(spec, "h", int)
+    encoding = _field(spec, "enc", str)
+    if encoding not in DEPTH_ENCODINGS:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"depth encoding {encoding!r} is not one of "
+                                                  f"{', '.join(DEPTH_ENCODINGS)}")
+    if width <= 0 or height <= 0:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"depth size {width}x{height} is not positive")
+    return DepthSpec(width, height, encoding)
 
 
 def peek_seq(raw: bytes | memoryview) -> int | None:
@@ -147,6 +198,7 @@ def encode_result(
     result: TaskResult,
     stamps: dict[str, float],
     dropped: int,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     message: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -166,6 +218,8 @@ def encode_result(
         message["pose"] = list(header.pose)
     if header.intrinsics is not None:
         message["intrinsics"] = list(header.intrinsics)
+    if extra:
+        message.update(extra)
     stamps["sent"] = time.time()
     message["t"] = stamps
     return _pack(message)

@@ -253,10 +253,14 @@ class Server:
             raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
                                 f"the daemon already serves {len(self._clients)} clients")
         self._clients[client] = time.monotonic()
-        if len(parts) != 2:
+        expected = 3 if header.depth is not None else 2
+        if len(parts) != expected:
             raise ProtocolError(ErrorCode.MALFORMED,
-                                f"a frame message has 2 parts (header, pixels), got {len(parts)}")
+                                f"a frame message has {expected} parts (header, pixels"
+                                f"{', depth' if expected == 3 else ''}), got {len(parts)}")
         self._check_limits(header, parts[1])
+        if header.depth is not None:
+            self._check_limits(header, parts[2])
         name = header.model or self.default_model
         pipeline = self._pipelines.get(name)
         if pipeline is None:
@@ -271,7 +275,8 @@ class Server:
                                 f"over {self.config.server.max_fps_per_client:g} frames/s; "
                                 "frame ignored")
         self.counters.frames += 1
-        job = FrameJob(header, parts[1].buffer, received, keepalive=parts[1])
+        job = FrameJob(header, parts[1].buffer, received, keepalive=parts[1:],
+                       depth=parts[2].buffer if header.depth is not None else None)
         superseded = pipeline.submit(client, job)
         if superseded is not None:
             self.counters.superseded += 1
@@ -299,7 +304,7 @@ class Server:
             del self._clients[client]
             self._rates.pop(client, None)
             for pipeline in self._pipelines.values():
-                pipeline.forget(client)
+                pipeline.forget(client)  # its newest-frame slot, tracker and plane cache
 
     def _model_info(self) -> list[dict]:
         return [
