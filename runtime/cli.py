@@ -160,7 +160,7 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
 def import_model(model, task, name, version, out, archive, fixed_size, multiple_of, max_size,
                  layout, color, scale, mean, std, resize, labels, score, iou, outputs) -> None:
     """Make a verified bundle from a third-party ONNX file, repairing common defects."""
-    from exporters.onnx_import import TASK_DEFAULTS, ImportOptions, import_onnx
+    from exporters.onnx_import import import_onnx
     from runtime.bundle import SizePolicy, pack_archive
 
     name = name or model.stem
@@ -171,6 +171,25 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
         max_w, max_h = _parse_size(max_size, "--max-size")
         size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
                           max_height=max_h)
+    options = _bundle_options(task, name, version, not fixed_size, size, color, scale, mean, std,
+                              resize, labels, score, iou, outputs, layout=layout)
+    with err_console.status(f"importing {model.name}: repairing, checking, test-running ..."):
+        result = import_onnx(model, options, out or Path(name))
+    for repair in result.repairs:
+        click.echo(f"  repaired: {repair}")
+    bundle = result.bundle
+    click.echo(f"bundle {bundle.name}@{bundle.version} ({task}) written to {bundle.directory}")
+    if archive:
+        path = pack_archive(bundle, bundle.directory.parent /
+                            f"{bundle.name}-{bundle.version}.sightline")
+        click.echo(f"archive written to {path}")
+
+
+def _bundle_options(task, name, version, dynamic, size, color, scale, mean, std, resize,
+                    labels, score, iou, outputs, layout="NCHW"):
+    """ImportOptions from the bundle flags `import` and `export` share."""
+    from exporters.onnx_import import TASK_DEFAULTS, ImportOptions
+
     defaults = TASK_DEFAULTS[task]
     pre_updates = {k: v for k, v in dict(
         color=color, scale=scale, resize=resize,
@@ -183,25 +202,14 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
         role_map = dict(o.split("=", 1) for o in outputs)
     except ValueError:
         raise click.BadParameter("use ROLE=NAME", param_hint="--output") from None
-    options = ImportOptions(
-        task=task, name=name, version=version, dynamic=not fixed_size, size=size, layout=layout,
+    label_list = None
+    if labels:
+        label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
+    return ImportOptions(
+        task=task, name=name, version=version, dynamic=dynamic, size=size, layout=layout,
         preprocess=_validated(defaults["preprocess"], pre_updates),
         thresholds=_validated(defaults["thresholds"], th_updates),
-        labels=labels.read_text().split("\n") if labels else None,
-        outputs=role_map,
-    )
-    if options.labels is not None:
-        options.labels = [line.strip() for line in options.labels if line.strip()]
-    with err_console.status(f"importing {model.name}: repairing, checking, test-running ..."):
-        result = import_onnx(model, options, out or Path(name))
-    for repair in result.repairs:
-        click.echo(f"  repaired: {repair}")
-    bundle = result.bundle
-    click.echo(f"bundle {bundle.name}@{bundle.version} ({task}) written to {bundle.directory}")
-    if archive:
-        path = pack_archive(bundle, bundle.directory.parent /
-                            f"{bundle.name}-{bundle.version}.sightline")
-        click.echo(f"archive written to {path}")
+        labels=label_list, outputs=role_map)
 
 
 def _validated(model, updates):
@@ -276,17 +284,42 @@ def ping(endpoint: str, timeout: float, server_key, client_key) -> None:
 
 @main.command()
 @click.option("--source", help="Camera index or video file (default: built-in astronaut sequence).")
+@click.option("--depth", is_flag=True,
+              help="Stream the astronaut sequence as RGB-D (a poster on a wall behind a desk, "
+                   "with synthetic depth, intrinsics and camera poses) and ask for tracks, "
+                   "3D anchors and planes.")
+@click.option("--rgbd", "rgbd_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              metavar="DIR", help="Stream an RGB-D recording (layout above) and ask for "
+                                  "tracks, 3D anchors and planes.")
 @click.option("--frames", type=int, default=100, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo-output"), show_default=True)
 @click.option("--model", default="centerface", show_default=True, help="Bundle to serve.")
 @click.option("--fps", type=float, default=30.0, show_default=True,
               help="Rate frames are streamed at, like a camera.")
-def demo(source, frames, out_dir, model, fps) -> None:
-    """Start a daemon, stream a real sequence through it, write annotated output."""
+def demo(source, depth, rgbd_dir, frames, out_dir, model, fps) -> None:
+    """Start a daemon, stream a real sequence through it, write annotated output.
+
+    Writes annotated.mp4, strip.jpg and results.jsonl (one JSON object per frame; with
+    depth also its tracks with 3D anchors, and planes) to --out.
+
+    \b
+    --rgbd DIR layout:
+      DIR/camera.json     {"fx": .., "fy": .., "cx": .., "cy": ..}  colour intrinsics, pixels;
+                          optional "depth_unit_m" (metres per depth count, default 0.001)
+      DIR/color/NNNN.png  colour frames (.png or .jpg), streamed in file-name order
+      DIR/depth/NNNN.png  16-bit depth with the same names, registered (aligned) to colour,
+                          any resolution of the same aspect ratio; 0 = no measurement
+      DIR/poses.json      optional: one camera-to-world pose per colour frame, in order,
+                          each 16 row-major floats, OpenCV axes (x right, y down, z forward);
+                          without it anchors and planes are in camera coordinates
+    """
+    if sum(map(bool, (source, depth, rgbd_dir))) > 1:
+        raise click.UsageError("--source, --depth and --rgbd pick the input: give one of them")
     from runtime.demo import run_demo
 
-    run_demo(source=source, frames=frames, out_dir=out_dir, model=model, fps=fps)
+    run_demo(source=source, frames=frames, out_dir=out_dir, model=model, fps=fps, depth=depth,
+             rgbd=rgbd_dir)
 
 
 @main.command()
@@ -601,7 +634,6 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
     """
     import time
 
-    from exporters.onnx_import import TASK_DEFAULTS, ImportOptions
     from exporters.torch_export import (
         ExportOptions,
         VerificationError,
@@ -618,21 +650,6 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
         max_w, max_h = _parse_size(max_size, "--max-size")
         size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
                           max_height=max_h)
-    defaults = TASK_DEFAULTS[task]
-    pre_updates = {k: v for k, v in dict(
-        color=color, scale=scale, resize=resize,
-        mean=_floats(mean, "--mean"), std=_floats(std, "--std")).items() if v is not None}
-    if color == "gray":
-        pre_updates.setdefault("mean", (0.0,))
-        pre_updates.setdefault("std", (1.0,))
-    th_updates = {k: v for k, v in dict(score=score, iou=iou).items() if v is not None}
-    try:
-        role_map = dict(o.split("=", 1) for o in outputs)
-    except ValueError:
-        raise click.BadParameter("use ROLE=NAME", param_hint="--output") from None
-    label_list = None
-    if labels:
-        label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
     options = ExportOptions(
         model=model,
         weights=weights,
@@ -643,11 +660,8 @@ def export_model(model, weights, task, name, version, out, archive, input_size, 
         atol=atol,
         rtol=rtol,
         samples=samples,
-        bundle=ImportOptions(
-            task=task, name=name, version=version, dynamic=not static, size=size,
-            preprocess=_validated(defaults["preprocess"], pre_updates),
-            thresholds=_validated(defaults["thresholds"], th_updates),
-            labels=label_list, outputs=role_map),
+        bundle=_bundle_options(task, name, version, not static, size, color, scale, mean, std,
+                               resize, labels, score, iou, outputs),
     )
     running: list[tuple[str, float]] = []  # the step under way and when it started
 

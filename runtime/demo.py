@@ -2,16 +2,19 @@
 
 Starts a daemon in this process, streams a real image sequence through it with the
 client SDK at the source's frame rate, draws the overlays that come back, and prints a
-latency table. The default sequence pans and zooms over a real photograph.
+latency table. The default sequence pans and zooms over a real photograph; with depth
+(the synthetic RGB-D astronaut, or a recording) it asks for tracks, anchors and planes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -24,29 +27,69 @@ from runtime.config import SecuritySettings, ServeConfig, ServerSettings
 from runtime.errors import SightlineError
 from runtime.latency import latency_table, stage_durations_ms
 from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset, resolve_bundle
-from runtime.overlay import draw_detections
+from runtime.overlay import draw_reply
 from runtime.security import throwaway_keys
 from runtime.server import Server
+from runtime.spatial.camera import Intrinsics, Pose
 
 FRAME_SIZE = (640, 480)
 
 
-def astronaut_sequence(count: int, size: tuple[int, int] = FRAME_SIZE) -> Iterator[np.ndarray]:
-    """A smooth pan-and-zoom over scikit-image's astronaut photograph (a real face)."""
+@dataclass(frozen=True, slots=True)
+class View:
+    """The part of the photo one frame shows: photo point (center_x, center_y) lands on the
+    frame centre, magnified `scale` times (frame pixels per photo pixel)."""
+
+    center_x: float
+    center_y: float
+    scale: float
+
+    def matrix(self, size: tuple[int, int] = FRAME_SIZE) -> np.ndarray:
+        """The 2x3 photo-to-frame warp for cv2.warpAffine (pixel centres at integers)."""
+        width, height = size
+        return np.array([[self.scale, 0, width / 2 - self.center_x * self.scale],
+                         [0, self.scale, height / 2 - self.center_y * self.scale]],
+                        dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class DemoFrame:
+    """A BGR frame and, for spatial runs, its registered depth (uint16 mm or float32 m), the
+    colour camera's intrinsics and its camera-to-world pose (None: camera coordinates)."""
+
+    color: np.ndarray
+    depth: np.ndarray | None = None
+    intrinsics: Intrinsics | None = None
+    pose: Pose | None = None
+
+
+def load_astronaut() -> np.ndarray:
+    """scikit-image's astronaut photograph, 512x512 BGR (fetched once into the cache)."""
     photo = cv2.imread(str(fetch_asset(ASTRONAUT_PNG)))
     if photo is None:
         raise SightlineError("the cached astronaut image is unreadable; delete it and retry")
-    width, height = size
+    return photo
+
+
+def astronaut_views(count: int, size: tuple[int, int] = FRAME_SIZE,
+                    photo_width: int = 512) -> list[View]:
+    """A smooth pan and zoom: in, then out again, circling the face."""
+    views = []
     for i in range(count):
         phase = i / max(1, count - 1)
-        zoom = 1.0 + 0.6 * np.sin(np.pi * phase)  # in, then out again
-        view_w = photo.shape[1] / zoom  # the photo region this frame shows, 4:3
-        center_x = 256 + 40 * np.sin(2 * np.pi * phase)
-        center_y = 200 + 25 * np.cos(2 * np.pi * phase)
-        scale = width / view_w
-        matrix = np.array([[scale, 0, width / 2 - center_x * scale],
-                           [0, scale, height / 2 - center_y * scale]], dtype=np.float64)
-        yield cv2.warpAffine(photo, matrix, size, flags=cv2.INTER_LINEAR,
+        zoom = 1.0 + 0.6 * np.sin(np.pi * phase)
+        view_w = photo_width / zoom  # the photo region this frame shows, 4:3
+        views.append(View(center_x=256 + 40 * np.sin(2 * np.pi * phase),
+                          center_y=200 + 25 * np.cos(2 * np.pi * phase),
+                          scale=size[0] / view_w))
+    return views
+
+
+def astronaut_sequence(count: int, size: tuple[int, int] = FRAME_SIZE) -> Iterator[np.ndarray]:
+    """A smooth pan-and-zoom over scikit-image's astronaut photograph (a real face)."""
+    photo = load_astronaut()
+    for view in astronaut_views(count, size, photo.shape[1]):
+        yield cv2.warpAffine(photo, view.matrix(size), size, flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REFLECT)
 
 
@@ -65,14 +108,73 @@ def capture_frames(source: str, count: int) -> Iterator[np.ndarray]:
         capture.release()
 
 
+def rgbd_recording(directory: Path, count: int) -> list[DemoFrame]:
+    """The first `count` frames of an RGB-D recording: DIR/camera.json (fx, fy, cx, cy,
+    optional depth_unit_m), DIR/color/NNNN.png, DIR/depth/NNNN.png (uint16, registered),
+    optional DIR/poses.json (16 row-major floats per frame, camera-to-world). `sightline
+    demo --help` spells the layout out for users."""
+    try:
+        camera = json.loads((directory / "camera.json").read_text())
+        intrinsics = Intrinsics(*(float(camera[key]) for key in ("fx", "fy", "cx", "cy")))
+        unit_m = float(camera.get("depth_unit_m", 0.001))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SightlineError(f"{directory}/camera.json must be a JSON object with numbers fx, "
+                             f"fy, cx, cy ({exc})") from exc
+    if not (math.isfinite(unit_m) and unit_m > 0):
+        raise SightlineError(f"depth_unit_m in {directory}/camera.json must be positive")
+    colors = sorted(p for p in (directory / "color").glob("*")
+                    if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
+    if not colors:
+        raise SightlineError(f"no colour frames in {directory}/color (expected NNNN.png)")
+    poses: list | None = None
+    if (directory / "poses.json").exists():
+        try:
+            poses = json.loads((directory / "poses.json").read_text())
+        except ValueError as exc:
+            raise SightlineError(f"{directory}/poses.json is not JSON: {exc}") from exc
+        if not isinstance(poses, list) or len(poses) < len(colors):
+            raise SightlineError(f"{directory}/poses.json must list one 16-float pose per "
+                                 f"colour frame ({len(colors)} or more)")
+    frames = []
+    for index, color_path in enumerate(colors):
+        color = cv2.imread(str(color_path), cv2.IMREAD_COLOR)
+        depth_path = directory / "depth" / f"{color_path.stem}.png"
+        depth = cv2.imread(str(depth_path), cv2.IMREAD_UNCHANGED)
+        if color is None:
+            raise SightlineError(f"cannot read {color_path}")
+        if depth is None or depth.dtype != np.uint16 or depth.ndim != 2:
+            raise SightlineError(f"{depth_path} must exist and be a 16-bit single-channel PNG")
+        if unit_m != 0.001:  # the wire takes millimetres or metres
+            depth = depth.astype(np.float32) * np.float32(unit_m)
+        pose = None if poses is None else Pose.from_wire(poses[index])
+        frames.append(DemoFrame(color, depth, intrinsics, pose))
+    return frames
+
+
 def run_demo(*, source: str | None, frames: int, out_dir: Path, model: str = "centerface",
-             fps: float = 30.0, console: Console | None = None) -> dict:
+             fps: float = 30.0, depth: bool = False, rgbd: Path | None = None,
+             console: Console | None = None) -> dict:
+    """Stream `source` (a camera or video), a recording in `rgbd`, or the astronaut sequence
+    (with synthetic depth when `depth`) through an in-process daemon; write and print what
+    came back. Depth runs ask for tracks, 3D anchors and planes."""
     console = console or Console()
     bundle = resolve_bundle(model)
     console.print(f"model [bold]{bundle.name}@{bundle.version}[/] ({bundle.manifest.task})")
-    sequence = list(capture_frames(source, frames) if source else astronaut_sequence(frames))
+    if rgbd is not None:
+        sequence = rgbd_recording(rgbd, frames)
+    elif depth:
+        # depth_scene builds on this module's astronaut views, so it is imported here.
+        from runtime.depth_scene import astronaut_rgbd
+
+        sequence = list(astronaut_rgbd(frames))
+    else:
+        sequence = [DemoFrame(frame) for frame in
+                    (capture_frames(source, frames) if source else astronaut_sequence(frames))]
     if not sequence:
         raise SightlineError(f"{source!r} gave no frames")
+    spatial = sequence[0].depth is not None
+    if spatial:
+        _preload_open3d(console)
 
     with tempfile.TemporaryDirectory(prefix="sightline-demo-") as tmp:
         endpoint = f"ipc://{tmp}/demo.sock"
@@ -92,11 +194,25 @@ def run_demo(*, source: str | None, frames: int, out_dir: Path, model: str = "ce
             stop.set()
             io_thread.join()
     summary = _write_outputs(sequence, replies, out_dir)
+    if spatial:
+        summary["spatial"] = spatial_summary([replies.get(i) for i in range(len(sequence))])
     _print_report(console, replies, elapsed, len(sequence), summary)
     return summary
 
 
-def _stream(endpoint: str, sequence: list[np.ndarray], fps: float, console: Console,
+def _preload_open3d(console: Console) -> None:
+    # The daemon runs in this process: importing Open3D now keeps its ~1 s import out of
+    # the first frame's spatial stage. Without it the replies say what is missing.
+    from runtime.spatial.errors import SpatialUnavailable
+    from runtime.spatial.open3d_loader import load_open3d
+
+    try:
+        load_open3d()
+    except SpatialUnavailable as exc:
+        console.print(f"[yellow]planes unavailable:[/] {exc}")
+
+
+def _stream(endpoint: str, sequence: list[DemoFrame], fps: float, console: Console,
             keys: dict) -> tuple[dict[int, Reply], float]:
     replies: dict[int, Reply] = {}
     seq_to_index: dict[int, int] = {}
@@ -119,7 +235,7 @@ def _stream(endpoint: str, sequence: list[np.ndarray], fps: float, console: Cons
             for index, frame in enumerate(sequence):
                 # Pace like a camera; a frame the daemon cannot take now is simply skipped.
                 time.sleep(max(0.0, start + index / fps - time.perf_counter()))
-                seq = client.send(frame)
+                seq = client.send(frame.color, **_spatial_request(frame))
                 if seq is not None:
                     seq_to_index[seq] = index
                 else:
@@ -130,24 +246,41 @@ def _stream(endpoint: str, sequence: list[np.ndarray], fps: float, console: Cons
     return replies, elapsed
 
 
-def _write_outputs(sequence: list[np.ndarray], replies: dict[int, Reply], out_dir: Path) -> dict:
+def _spatial_request(frame: DemoFrame) -> dict:
+    if frame.depth is None:
+        return {}
+    return {"depth": frame.depth, "intrinsics": frame.intrinsics.to_wire(),
+            "pose": None if frame.pose is None else frame.pose.to_wire(),
+            "spatial": True, "planes": True}
+
+
+def _write_outputs(sequence: list[DemoFrame], replies: dict[int, Reply], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    height, width = sequence[0].shape[:2]
+    height, width = sequence[0].color.shape[:2]
     video_path = out_dir / "annotated.mp4"
     writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (width, height))
     annotated = []
     records = []
     for index, frame in enumerate(sequence):
         reply = replies.get(index)
-        detections = reply.detections if reply is not None and reply.ok else ()
-        note = f"frame {index}" + ("" if reply is not None and reply.ok else
-                                   f" ({reply.kind if reply else 'no reply'})")
-        image = draw_detections(frame, detections, note)
+        ok = reply is not None and reply.ok
+        message = reply.message if ok else {}
+        note = f"frame {index}" + ("" if ok else f" ({reply.kind if reply else 'no reply'})")
+        # The reply echoes the request's intrinsics and pose; the frame's are the same.
+        image = draw_reply(frame.color, message, note=note,
+                           intrinsics=None if frame.intrinsics is None else
+                           frame.intrinsics.to_wire(),
+                           pose=None if frame.pose is None else frame.pose.to_wire())
         annotated.append(image)
         if writer.isOpened():
             writer.write(image)
-        records.append({"frame": index, "kind": reply.kind if reply else None,
-                        "detections": [d.to_wire() for d in detections]})
+        record = {"frame": index, "kind": reply.kind if reply else None,
+                  "detections": message.get("detections", [])}
+        if frame.depth is not None:
+            record.update(tracks=message.get("tracks", []), planes=message.get("planes"))
+            if "spatial_error" in message:
+                record["spatial_error"] = message["spatial_error"]
+        records.append(record)
     writer.release()
     strip_path = out_dir / "strip.jpg"
     picks = np.linspace(0, len(annotated) - 1, num=6).astype(int)  # 2 rows of 3 frames
@@ -160,14 +293,80 @@ def _write_outputs(sequence: list[np.ndarray], replies: dict[int, Reply], out_di
             "frames_with_faces": sum(1 for r in records if r["detections"])}
 
 
+def spatial_summary(replies: list[Reply | None]) -> dict:
+    """What the spatial results of a run add up to: the track ids seen; for the track seen
+    in most frames, how far its world anchors (or, without poses, its depths) spread; the
+    planes found (the last reply's view of each id); the spatial errors reported."""
+    frames_of: dict[int, int] = {}
+    labels: dict[int, str] = {}
+    world: dict[int, list] = {}
+    depths: dict[int, list] = {}
+    planes: dict[int, dict] = {}
+    plane_frame = None
+    errors: list[str] = []
+    for reply in replies:
+        if reply is None or not reply.ok:
+            continue
+        message = reply.message
+        if message.get("spatial_error") and message["spatial_error"] not in errors:
+            errors.append(message["spatial_error"])
+        for track in message.get("tracks", ()):
+            track_id = track["track_id"]
+            frames_of[track_id] = frames_of.get(track_id, 0) + 1
+            labels[track_id] = track["detection"]["label"]
+            anchor = track.get("anchor") or {}
+            if anchor.get("world_xyz") is not None:
+                world.setdefault(track_id, []).append(anchor["world_xyz"])
+            if anchor.get("depth_m") is not None:
+                depths.setdefault(track_id, []).append(anchor["depth_m"])
+        if message.get("planes"):
+            plane_frame = message["planes"]["frame"]
+            for plane in message["planes"]["planes"]:
+                planes[plane["id"]] = plane
+    main = min(frames_of, key=lambda t: (-frames_of[t], t)) if frames_of else None
+    summary: dict = {"track_ids": sorted(frames_of), "track": main,
+                     "label": labels.get(main), "frames": frames_of.get(main, 0),
+                     "planes": [planes[i] for i in sorted(planes)], "plane_frame": plane_frame,
+                     "errors": errors}
+    points = np.asarray(world.get(main, ()), dtype=np.float64).reshape(-1, 3)
+    summary["world_anchors"] = len(points)
+    summary["world_spread_m"] = (
+        float(np.linalg.norm(points - points.mean(axis=0), axis=1).max()) if len(points)
+        else None)
+    summary["world_mean"] = points.mean(axis=0).tolist() if len(points) else None
+    summary["depth_range_m"] = ((min(depths[main]), max(depths[main])) if depths.get(main)
+                                else None)
+    return summary
+
+
+def _stage_series(reply: Reply) -> dict[str, float]:
+    stamps = reply.stamps
+    durations = stage_durations_ms(stamps)
+    # The spatial and annotate stages follow output decoding when a frame asks for them.
+    extra = {}
+    if "spatial" in stamps and "postprocessed" in stamps:
+        extra["spatial"] = (stamps["spatial"] - stamps["postprocessed"]) * 1e3
+    if "annotated" in stamps:
+        before = stamps.get("spatial", stamps.get("postprocessed"))
+        if before is not None:
+            extra["annotate"] = (stamps["annotated"] - before) * 1e3
+    ordered = {k: v for k, v in durations.items() if k != "daemon total"}
+    for name, ms in extra.items():
+        ordered.setdefault(name, ms)
+    if "daemon total" in durations:
+        ordered["daemon total"] = durations["daemon total"]
+    return ordered
+
+
 def _print_report(console: Console, replies: dict[int, Reply], elapsed: float, total: int,
                   summary: dict) -> None:
     results = [r for r in replies.values() if r.ok]
     series: dict[str, list[float]] = {}
     for reply in results:
-        for stage, ms in stage_durations_ms(reply.stamps).items():
+        for stage, ms in _stage_series(reply).items():
             series.setdefault(stage, []).append(ms)
-        series.setdefault("round trip (client)", []).append(reply.round_trip_s * 1e3)
+        if reply.round_trip_s is not None:  # None: it came after the client gave up on it
+            series.setdefault("round trip (client)", []).append(reply.round_trip_s * 1e3)
     console.print(latency_table("Latency per stage", series))
     kinds = [r.kind for r in replies.values()]
     console.print(
@@ -177,5 +376,37 @@ def _print_report(console: Console, replies: dict[int, Reply], elapsed: float, t
         f"{len(results) / elapsed:.1f} results/s over {elapsed:.1f} s"
     )
     console.print(f"faces found in {summary['frames_with_faces']} of {total} frames")
+    if "spatial" in summary:
+        _print_spatial(console, summary["spatial"])
     console.print(f"annotated video: {summary['video']}\nimage strip:     {summary['strip']}\n"
                   f"per-frame JSON:  {summary['results']}")
+
+
+def _print_spatial(console: Console, spatial: dict) -> None:
+    ids = ", ".join(f"#{t}" for t in spatial["track_ids"]) or "none"
+    console.print(f"track ids seen: {ids}")
+    if spatial["track"] is not None:
+        name = f"{spatial['label']} #{spatial['track']}"
+        if spatial["world_spread_m"] is not None:
+            x, y, z = spatial["world_mean"]
+            console.print(
+                f"{name}: world anchor in {spatial['world_anchors']} of {spatial['frames']} "
+                f"frames, at ({x:.3f}, {y:.3f}, {z:.3f}) m, spread "
+                f"{spatial['world_spread_m'] * 1e3:.1f} mm (largest distance from the mean)")
+        elif spatial["depth_range_m"] is not None:
+            low, high = spatial["depth_range_m"]
+            console.print(f"{name}: camera coordinates only (no poses); depth "
+                          f"{low:.3f}-{high:.3f} m over {spatial['frames']} frames")
+        else:
+            console.print(f"{name}: no depth at the detections")
+    if spatial["planes"]:
+        console.print(f"planes found ({spatial['plane_frame']} coordinates):")
+        for plane in spatial["planes"]:
+            nx, ny, nz = plane["normal"]
+            width, height = plane["extent"]
+            console.print(f"  plane {plane['id']}: normal ({nx:+.2f}, {ny:+.2f}, {nz:+.2f}), "
+                          f"offset {plane['offset']:+.3f} m, {width:.2f} x {height:.2f} m")
+    else:
+        console.print("planes found: none")
+    for error in spatial["errors"]:
+        console.print(f"[yellow]spatial:[/] {error}")

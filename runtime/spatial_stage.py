@@ -39,6 +39,7 @@ def open3d_available() -> str | None:
 class SpatialStage:
     def __init__(self) -> None:
         self._trackers: dict[bytes, Tracker] = {}
+        self._clock: dict[bytes, float] = {}  # client -> last timestamp given to its tracker
         self._planes: dict[bytes, PlaneCache] = {}
         self._open3d_problem = open3d_available()
         if self._open3d_problem:
@@ -47,6 +48,20 @@ class SpatialStage:
     def forget(self, client: bytes) -> None:
         self._trackers.pop(client, None)
         self._planes.pop(client, None)
+        self._clock.pop(client, None)
+
+    def _timestamp(self, client: bytes, header: FrameHeader) -> float:
+        # The tracker's motion model needs the frames' real spacing: the capture time, not
+        # when the daemon got round to them (two frames processed 10 ms apart after a stall
+        # would look like a huge velocity). Fall back to the daemon clock when the client
+        # sends no increasing capture time.
+        last = self._clock.get(client)
+        if header.capture_ts and (last is None or header.capture_ts > last):
+            now = header.capture_ts
+        else:
+            now = time.monotonic() if last is None else max(time.monotonic(), last + 1e-3)
+        self._clock[client] = now
+        return now
 
     def process(self, client: bytes, header: FrameHeader, result: TaskResult,
                 depth: np.ndarray | None) -> dict[str, Any]:
@@ -75,7 +90,7 @@ class SpatialStage:
             tracker = self._trackers.get(client)
             if tracker is None:
                 tracker = self._trackers[client] = Tracker()
-            tracks = tracker.update(result.detections, time.monotonic(), anchors)
+            tracks = tracker.update(result.detections, self._timestamp(client, header), anchors)
             extra["tracks"] = [t.to_wire() for t in tracks]
         if header.planes and frame is not None:
             if self._open3d_problem:
