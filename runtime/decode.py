@@ -39,6 +39,9 @@ def decode_pixels(header: FrameHeader, payload: memoryview | bytes) -> tuple[np.
     return flat.reshape(shape), color
 
 
+MAX_MARKER_STEPS = 1024
+
+
 def jpeg_size(data: memoryview | bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame (SOFn) header, or None if there is none to read.
 
@@ -49,7 +52,12 @@ def jpeg_size(data: memoryview | bytes) -> tuple[int, int] | None:
     if bytes(view[:2]) != b"\xff\xd8":
         return None
     i, end = 2, len(view)
-    while i + 4 <= end:
+    # Real encoders put a handful of segments before the frame header (APPn, DQT, DHT ...).
+    # A hostile payload of fill bytes or empty segments would make this Python loop walk
+    # megabytes one step at a time, stalling the model's prepare thread; stop early.
+    for _ in range(MAX_MARKER_STEPS):
+        if i + 4 > end:
+            return None
         if view[i] != 0xFF:
             return None
         marker = view[i + 1]
@@ -71,7 +79,7 @@ def jpeg_size(data: memoryview | bytes) -> tuple[int, int] | None:
         if length < 2:
             return None
         i += 2 + length
-    return None
+    return None  # too many steps: not a JPEG an encoder wrote
 
 
 def _decode_jpeg(header: FrameHeader, payload: memoryview | bytes) -> tuple[np.ndarray, str]:

@@ -75,7 +75,8 @@ class ModelPipeline:
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
         self._slots: LatestSlots[FrameJob] = LatestSlots()
-        self._spatial = None  # SpatialStage, made when a frame first asks for it
+        self._spatial = None  # SpatialStage, made at start-up in the background
+        self._spatial_lock = threading.Lock()
         # Capacity 1 hand-over: at most one frame prepared ahead of the one in the engine.
         self._ready: queue.Queue[_Prepared] = queue.Queue(maxsize=1)
         self._free = threading.Semaphore(1)
@@ -113,6 +114,9 @@ class ModelPipeline:
         ONNX Runtime's first runs allocate and tune (hundreds of ms here); a headset's first
         frames should not pay for that.
         """
+        # Open3D takes about a second to import: pay it at start-up, not on the first frame
+        # that asks for planes (that model would stall for the second).
+        self._spatial_stage()
         if warm_up_size is not None:
             width, height = warm_up_size
             tensor, _ = self._preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
@@ -232,11 +236,12 @@ class ModelPipeline:
                              self._slots.dropped(item.client), extra)
 
     def _spatial_stage(self):
-        if self._spatial is None:  # created on first use: it loads Open3D (about 1 s)
-            from runtime.spatial_stage import SpatialStage
+        with self._spatial_lock:  # the start-up preload thread and the infer thread
+            if self._spatial is None:
+                from runtime.spatial_stage import SpatialStage
 
-            self._spatial = SpatialStage()
-        return self._spatial
+                self._spatial = SpatialStage()
+            return self._spatial
 
 
 def annotate(image: np.ndarray, header: FrameHeader, result, extra: dict) -> bytes:

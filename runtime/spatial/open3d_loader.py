@@ -26,4 +26,6 @@ def load_open3d() -> ModuleType:
             f"Open3D is needed for planes and oriented boxes but cannot be imported "
             f"({error}): {INSTALL_HINT}"
         ) from error
+    # Open3D logs qhull precision warnings for every flat object's box fit: errors only.
+    open3d.utility.set_verbosity_level(open3d.utility.VerbosityLevel.Error)
     return open3d

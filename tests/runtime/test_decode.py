@@ -190,3 +190,15 @@ def test_random_payloads_never_raise_anything_but_protocol_error(encoding, width
         assert exc.code in (ErrorCode.BAD_PAYLOAD_SIZE, ErrorCode.DECODE_FAILED)
     else:
         assert image.shape[:2] == (height, width)
+
+
+def test_jpeg_of_fill_bytes_is_rejected_without_walking_the_whole_payload():
+    import time
+
+    from runtime.decode import jpeg_size
+
+    hostile = b"\xff\xd8" + b"\xff" * (8 * 1024 * 1024)  # 8 MiB of marker fill bytes
+    start = time.perf_counter()
+    assert jpeg_size(hostile) is None
+    # a bounded walk: far under the seconds an unbounded Python loop took on this input
+    assert time.perf_counter() - start < 0.5
