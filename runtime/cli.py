@@ -65,11 +65,13 @@ def main(log_level: str) -> None:
               help="Key directory: daemon.key_secret and headsets/ (see `sightline keys`).")
 @click.option("--plain", is_flag=True,
               help="DEVELOPMENT ONLY: no encryption, no authentication (any process may connect).")
+@click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).")
 @click.option("--control", metavar="ENDPOINT",
               help="Control socket for `sightline status` (default: under $XDG_RUNTIME_DIR "
                    "or /run/sightline).")
 def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_dir,
-          plain, control) -> None:
+          plain, metrics_listen, control) -> None:
     """Run the frame daemon until SIGINT/SIGTERM.
 
     The headset link is encrypted and authenticated with CurveZMQ: only headsets enrolled
@@ -91,6 +93,7 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
         "server.deadline_ms": deadline_ms,
         "security.keys_dir": keys_dir,
         "security.mode": "plain" if plain else None,
+        "server.metrics_listen": metrics_listen,
     })
     config, profile = apply_device_profile(config)
     logging.info("device profile %s: prefers %s, backends %s", profile.name, config.precision,
@@ -103,12 +106,14 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
         server.close()
         raise SightlineError(f"{exc}; is another daemon running there?") from None
     control_endpoint = control or default_control_endpoint()
-    control_server = ControlServer(control_endpoint, DaemonStatus(server, control_endpoint))
+    status = DaemonStatus(server, control_endpoint)
+    control_server = ControlServer(control_endpoint, status)
     try:
         control_server.start()
     except SightlineError:
         server.close()
         raise
+    prometheus = _start_metrics(server, status, config.server.metrics_listen)
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -127,7 +132,30 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
         server.serve(stop, watchdog=Watchdog.from_environ())
     finally:
         control_server.stop()
+        if prometheus is not None:
+            prometheus[0].shutdown()
+            prometheus[0].server_close()
+            prometheus[1].join()
     logging.info("stopped cleanly")
+
+
+def _start_metrics(server, status, listen: str | None):
+    """Prometheus endpoint fed by the pipelines (observe_frame) and the daemon status."""
+    if not listen:
+        return None
+    from runtime.metrics import Metrics, serve_prometheus
+
+    metrics = Metrics(status=status)
+    for pipeline in server.pipelines.values():
+        pipeline.metrics = metrics
+    host, port = listen.rsplit(":", 1)
+    try:
+        prometheus = serve_prometheus(metrics, host, int(port))
+    except OSError as exc:
+        server.close()
+        raise SightlineError(f"cannot serve metrics on {listen}: {exc}") from None
+    logging.info("Prometheus metrics on http://%s/metrics", listen)
+    return prometheus
 
 
 @main.command("import")

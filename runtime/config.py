@@ -39,6 +39,9 @@ class ServerSettings(BaseModel):
     reply_hwm: int = Field(default=64, gt=0)
     # Frames per second one client may send; the excess gets RATE_LIMITED error replies.
     max_fps_per_client: float = Field(default=120.0, gt=0)
+    # Prometheus /metrics endpoint as HOST:PORT (no authentication: keep it on loopback
+    # or a management network); unset: no endpoint.
+    metrics_listen: str | None = Field(default=None, pattern=r"^[^:]+:\d+$")
 
     @field_validator("endpoints")
     @classmethod

@@ -75,7 +75,8 @@ class ModelPipeline:
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
         self._slots: LatestSlots[FrameJob] = LatestSlots()
-        self._spatial = None  # SpatialStage, made at start-up in the background
+        self.metrics = None  # runtime.metrics.Metrics when the daemon exports metrics
+        self._spatial = None  # SpatialStage, made at start-up
         self._spatial_lock = threading.Lock()
         # Capacity 1 hand-over: at most one frame prepared ahead of the one in the engine.
         self._ready: queue.Queue[_Prepared] = queue.Queue(maxsize=1)
@@ -205,6 +206,8 @@ class ModelPipeline:
                     continue
                 try:
                     reply = self._run(item, manifest.name, manifest.version)
+                    if self.metrics is not None:  # ~1 us; stamps now include "sent"
+                        self.metrics.observe_frame(manifest.name, item.stamps)
                 except SightlineError as exc:
                     log.error("model %s failed on a frame: %s", manifest.name, exc)
                     self.counters.add("errors")

@@ -352,3 +352,31 @@ def test_real_daemon_stamps_and_status_feed_metrics(daemon, astronaut_640x480, s
     assert total == 5
     assert samples_of(families["sightline_model_results"])[
         ("sightline_model_results_total", (("model", "centerface"),))] >= 5
+
+
+def test_serve_exports_prometheus_metrics_of_served_frames(daemon_factory, astronaut_640x480):
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from runtime.client import Client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = daemon_factory("--metrics", f"127.0.0.1:{port}")
+    with Client(daemon.endpoint, max_in_flight=1) as client:
+        assert client.wait_connected(10)
+        for _ in range(3):
+            client.send(astronaut_640x480)
+            assert client.recv(15).ok
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    counts = {
+        sample.labels.get("stage"): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "sightline_stage_latency_seconds_count"
+        and sample.labels.get("model") == "centerface"
+    }
+    assert counts.get("inference") == 3
