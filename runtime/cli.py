@@ -158,6 +158,29 @@ def _start_metrics(server, status, listen: str | None):
     return prometheus
 
 
+_BUNDLE_FLAGS = (
+    click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]),
+                 help="Model's channel order."),
+    click.option("--scale", type=float, help="Pixel multiplier (e.g. 0.00392 for /255)."),
+    click.option("--mean", help="Per-channel mean after scaling, comma-separated."),
+    click.option("--std", help="Per-channel std after scaling, comma-separated."),
+    click.option("--resize", type=click.Choice(["stretch", "letterbox"])),
+    click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="Text file, one class label per line."),
+    click.option("--score", type=float, help="Score threshold."),
+    click.option("--iou", type=float, help="NMS IoU threshold."),
+    click.option("--output", "outputs", multiple=True, metavar="ROLE=NAME",
+                 help="Map a decoder role to an output tensor (e.g. heatmap=537)."),
+)
+
+
+def _bundle_flags(command):
+    """The preprocessing/decoding flags `import` and `export` share (see _bundle_options)."""
+    for option in reversed(_BUNDLE_FLAGS):
+        command = option(command)
+    return command
+
+
 @main.command("import")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--task", required=True, type=click.Choice(["face", "detect", "raw"]),
@@ -174,17 +197,7 @@ def _start_metrics(server, status, listen: str | None):
 @click.option("--max-size", metavar="WxH", default="1920x1088", show_default=True,
               help="Dynamic size: larger frames are scaled down to fit.")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
-@click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Model's channel order.")
-@click.option("--scale", type=float, help="Pixel multiplier (e.g. 0.00392 for /255).")
-@click.option("--mean", help="Per-channel mean after scaling, comma-separated.")
-@click.option("--std", help="Per-channel std after scaling, comma-separated.")
-@click.option("--resize", type=click.Choice(["stretch", "letterbox"]))
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text file, one class label per line.")
-@click.option("--score", type=float, help="Score threshold.")
-@click.option("--iou", type=float, help="NMS IoU threshold.")
-@click.option("--output", "outputs", multiple=True, metavar="ROLE=NAME",
-              help="Map a decoder role to an output tensor (e.g. heatmap=537).")
+@_bundle_flags
 def import_model(model, task, name, version, out, archive, fixed_size, multiple_of, max_size,
                  layout, color, scale, mean, std, resize, labels, score, iou, outputs) -> None:
     """Make a verified bundle from a third-party ONNX file, repairing common defects."""
@@ -639,17 +652,7 @@ def quantize(bundle, precision, calib_dir, eval_dir, out, runs, min_recall) -> N
               help="Dynamic size: input dims are rounded up to this.")
 @click.option("--max-size", metavar="WxH", default="1920x1088", show_default=True,
               help="Dynamic size: larger frames are scaled down to fit.")
-@click.option("--color", type=click.Choice(["rgb", "bgr", "gray"]), help="Model's channel order.")
-@click.option("--scale", type=float, help="Pixel multiplier (e.g. 0.00392 for /255).")
-@click.option("--mean", help="Per-channel mean after scaling, comma-separated.")
-@click.option("--std", help="Per-channel std after scaling, comma-separated.")
-@click.option("--resize", type=click.Choice(["stretch", "letterbox"]))
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text file, one class label per line.")
-@click.option("--score", type=float, help="Score threshold.")
-@click.option("--iou", type=float, help="NMS IoU threshold.")
-@click.option("--output", "outputs", multiple=True, metavar="ROLE=NAME",
-              help="Map a decoder role to an output tensor (e.g. heatmap=output0).")
+@_bundle_flags
 def export_model(model, weights, task, name, version, out, archive, input_size, static, opset,
                  simplify, atol, rtol, samples, multiple_of, max_size, color, scale, mean, std,
                  resize, labels, score, iou, outputs) -> None:
