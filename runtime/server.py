@@ -249,10 +249,6 @@ class Server:
         if not isinstance(header, FrameHeader):  # a ping holds no client slot
             self._send(client, encode_pong(header.seq, self._model_info()))
             return
-        if client not in self._clients and len(self._clients) >= self.config.server.max_clients:
-            raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
-                                f"the daemon already serves {len(self._clients)} clients")
-        self._clients[client] = time.monotonic()
         expected = 3 if header.depth is not None else 2
         if len(parts) != expected:
             raise ProtocolError(ErrorCode.MALFORMED,
@@ -267,6 +263,12 @@ class Server:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
                                 f"model {name!r} is not served here; serving: "
                                 f"{', '.join(self._pipelines)}")
+        # A slot is taken only by a frame that passed every check above: a connection that
+        # sends a bare header (or garbage) cannot hold one and lock real headsets out.
+        if client not in self._clients and len(self._clients) >= self.config.server.max_clients:
+            raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
+                                f"the daemon already serves {len(self._clients)} clients")
+        self._clients[client] = time.monotonic()
         limiter = self._rates.get(client)
         if limiter is None:
             limiter = self._rates[client] = RateLimiter(self.config.server.max_fps_per_client)

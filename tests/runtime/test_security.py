@@ -231,3 +231,21 @@ def test_curve_daemon_refuses_an_inproc_endpoint_it_could_not_authenticate(short
                            "inproc://sightline", "--control", f"ipc://{short_tmp}/c.sock"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "inproc" in done.stderr and "plain" in done.stderr
+
+
+def test_connections_sending_bare_headers_cannot_take_the_client_slots(
+        daemon_factory, short_tmp, astronaut_640x480):
+    daemon = daemon_factory("--config", _config(short_tmp / "c.toml", max_clients=4))
+    squatters = []
+    for seq in range(8):  # twice the limit, each a header without its pixel part
+        socket_ = zmq.Context.instance().socket(zmq.DEALER)
+        socket_.setsockopt(zmq.LINGER, 0)
+        socket_.connect(daemon.endpoint)
+        socket_.send(msgpack.packb({"v": 1, "seq": seq, "w": 640, "h": 480, "enc": "bgr8"}))
+        assert socket_.poll(10_000)
+        assert msgpack.unpackb(socket_.recv())["code"] == "MALFORMED"
+        squatters.append(socket_)
+    with Client(daemon.endpoint, max_in_flight=1) as headset:
+        assert _result(headset, astronaut_640x480).ok
+    for socket_ in squatters:
+        socket_.close()
