@@ -506,12 +506,13 @@ def compile_command(bundle: str, dla_core, workspace_mb, frame_size, force) -> N
 @click.option("--repeats", type=int, default=20, show_default=True)
 def compare(bundle: str, variants, inputs: int, repeats: int) -> None:
     """Run a bundle and its variants through every backend here; errors and latency."""
+    from runtime.bundle import Bundle
     from runtime.compare import compare as run_compare
-    from runtime.compare import find_variants, load_variants
+    from runtime.compare import find_variants
     from runtime.model_zoo import resolve_bundle
 
     loaded = resolve_bundle(bundle)
-    extra = load_variants([Path(v) for v in variants]) if variants else find_variants(loaded)
+    extra = [Bundle.load(v) for v in variants] if variants else find_variants(loaded)
     run_compare(loaded, extra, inputs=inputs, repeats=repeats)
 
 

@@ -207,7 +207,9 @@ class Client:
             if intrinsics is not None:
                 header["intrinsics"] = [float(v) for v in intrinsics]
             header.update(extra or {})
-            self._outbox.send_multipart([encode_request(header), *payload], copy=False)
+            # seq travels beside the header so the I/O thread need not decode it again
+            self._outbox.send_multipart([seq.to_bytes(8, "little"), encode_request(header),
+                                         *payload], copy=False)
             return seq
 
     def recv(self, timeout: float | None = None) -> Reply | None:
@@ -306,9 +308,9 @@ class Client:
                 parts = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            seq = decode_reply(parts[0].bytes)["seq"]
+            seq = int.from_bytes(parts[0].bytes, "little")
             try:
-                dealer.send_multipart(parts, zmq.NOBLOCK, copy=False)
+                dealer.send_multipart(parts[1:], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self._release(1)
                 self.counters.not_sent += 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -124,6 +123,3 @@ def _print(console: Console, rows: list[dict], reference: str, inputs: int, repe
                       f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}")
     console.print(table)
 
-
-def load_variants(paths: list[Path]) -> list[Bundle]:
-    return [Bundle.load(p) for p in paths]
