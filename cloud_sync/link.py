@@ -219,6 +219,7 @@ class MqttLink:
         # wait until those are acknowledged, or they could overtake them.
         self._resync = False
         self._status_details: dict[str, Any] = {}
+        self._extra_filters: set[str] = set()  # subscribe(): kept across reconnects
         self._status_version = 0
         self._downlinks_handled = 0
         self._downlink_errors = 0
@@ -319,6 +320,24 @@ class MqttLink:
                 self._newest = max(self._newest, message_id)
                 self._cond.notify_all()
         return message_id
+
+    def subscribe(self, filters: list[str]) -> None:
+        """Add subscriptions (QoS 1) held until `unsubscribe`, restored on every reconnect.
+
+        Retained messages on them (OTA chunks) arrive at once, through `on_downlink`.
+        """
+        with self._cond:
+            self._extra_filters.update(filters)
+            client = self._client if self._connected else None
+        if client is not None and filters:
+            client.subscribe([(topic, 1) for topic in filters])
+
+    def unsubscribe(self, filters: list[str]) -> None:
+        with self._cond:
+            self._extra_filters.difference_update(filters)
+            client = self._client if self._connected else None
+        if client is not None and filters:
+            client.unsubscribe(list(filters))
 
     def update_status(self, **details: Any) -> None:
         """Merge fields into the retained status document and publish it if connected.
@@ -481,8 +500,11 @@ class MqttLink:
                  self.config.resolved_port, self.protocol, flags.session_present)
         # Subscribing again on every connect is harmless with a kept session and restores
         # the subscriptions when the broker lost it.
+        with self._cond:
+            extra = sorted(self._extra_filters)
         client.subscribe([(topic, 1) for topic in
-                          device_subscriptions(self.config.device_id, self.config.groups)])
+                          device_subscriptions(self.config.device_id, self.config.groups)
+                          + extra])
         # "online" goes first, before `connected` is visible: nothing (stop()'s "offline",
         # an update_status()) can then overtake it.
         with self._cond:

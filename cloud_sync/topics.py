@@ -16,6 +16,11 @@ from runtime.errors import SightlineError
 ROOT = "sightline/v1"
 DEVICES = f"{ROOT}/devices"
 GROUPS = f"{ROOT}/groups"
+# Update bundles, chunked and retained once per update (not per device): every device
+# of a group reads the same chunks, and a device back from an outage re-subscribes to
+# just the chunks it still lacks.
+UPDATES = f"{ROOT}/updates"
+MAX_CHUNKS = 1_000_000
 
 # Letters, digits, '.', '_' and '-', starting with a letter or digit: safe in topic
 # names, ACL patterns (mosquitto's %u/%c), client ids, file names and log lines.
@@ -33,7 +38,7 @@ class Channel(str, Enum):
     TELEMETRY = "telemetry"  # up
     OTA_COMMAND = "ota/command"  # down (per device, or per group)
     OTA_PROGRESS = "ota/progress"  # up
-    OTA_CHUNKS = "ota/chunks"  # down, one sub-topic per update: ota/chunks/{update_id}
+    OTA_CHUNKS = "chunks"  # down, retained: updates/{update_id}/chunks/{index}
 
 
 def _check_id(value: str, what: str) -> str:
@@ -86,14 +91,6 @@ class DeviceTopics:
     def ota_progress(self) -> str:
         return f"{self.base}/{Channel.OTA_PROGRESS.value}"
 
-    def ota_chunks(self, update_id: str) -> str:
-        return f"{self.base}/{Channel.OTA_CHUNKS.value}/{validate_update_id(update_id)}"
-
-    @property
-    def ota_chunks_filter(self) -> str:
-        """Subscription filter for the chunks of every update sent to this device."""
-        return f"{self.base}/{Channel.OTA_CHUNKS.value}/+"
-
     def up(self, channel: Channel) -> str:
         """The topic of an upward channel (status, telemetry, OTA progress)."""
         if channel is Channel.STATUS:
@@ -113,17 +110,32 @@ def group_command_topic(group: str) -> str:
     return f"{GROUPS}/{validate_group(group)}/{Channel.OTA_COMMAND.value}"
 
 
+def chunk_topic(update_id: str, index: int) -> str:
+    """Where chunk `index` (from 0) of an update's bundle is retained."""
+    if not isinstance(index, int) or not 0 <= index < MAX_CHUNKS:
+        raise TopicError(f"chunk index {index!r} is out of range")
+    return f"{UPDATES}/{validate_update_id(update_id)}/{Channel.OTA_CHUNKS.value}/{index}"
+
+
+def chunks_filter(update_id: str) -> str:
+    """Cloud side: every chunk of one update (to clear them when the rollout is over)."""
+    return f"{UPDATES}/{validate_update_id(update_id)}/{Channel.OTA_CHUNKS.value}/+"
+
+
 def device_subscriptions(device_id: str, groups: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """Every filter a device subscribes to: its OTA command and chunks, its groups' commands."""
+    """The filters a device always holds: its OTA commands and its groups' commands.
+
+    Chunk topics are subscribed to only while an update downloads (MqttLink.subscribe).
+    """
     topics = device_topics(device_id)
-    return [topics.ota_command, topics.ota_chunks_filter,
-            *(group_command_topic(group) for group in groups)]
+    return [topics.ota_command, *(group_command_topic(group) for group in groups)]
 
 
 def fleet_filter(channel: Channel) -> str:
     """Cloud side: one channel of every device, e.g. `sightline/v1/devices/+/telemetry`."""
-    suffix = f"{Channel.OTA_CHUNKS.value}/+" if channel is Channel.OTA_CHUNKS else channel.value
-    return f"{DEVICES}/+/{suffix}"
+    if channel is Channel.OTA_CHUNKS:
+        raise TopicError("chunks belong to updates, not devices: use chunks_filter(update_id)")
+    return f"{DEVICES}/+/{channel.value}"
 
 
 def shared_subscription(share_group: str, topic_filter: str) -> str:
@@ -138,10 +150,14 @@ def shared_subscription(share_group: str, topic_filter: str) -> str:
 class ParsedTopic:
     """A topic name taken apart: whose it is (a device or a group) and which channel."""
 
-    scope: str  # "device" or "group"
-    target: str  # the device id or the group name
+    scope: str  # "device", "group" or "update"
+    target: str  # the device id, the group name or the update id
     channel: Channel
-    update_id: str | None = None  # only for OTA_CHUNKS
+    index: int | None = None  # only for OTA_CHUNKS: the chunk's index
+
+    @property
+    def update_id(self) -> str | None:
+        return self.target if self.scope == "update" else None
 
 
 _DEVICE_CHANNELS = {c.value: c for c in Channel if c is not Channel.OTA_CHUNKS}
@@ -155,14 +171,18 @@ def parse_topic(topic: str) -> ParsedTopic:
         validate_device_id(target)
         if rest in _DEVICE_CHANNELS:
             return ParsedTopic("device", target, _DEVICE_CHANNELS[rest])
-        chunks = Channel.OTA_CHUNKS.value + "/"
-        if rest.startswith(chunks):
-            return ParsedTopic("device", target, Channel.OTA_CHUNKS,
-                               validate_update_id(rest[len(chunks):]))
     elif topic.startswith(prefix_groups):
         target, _, rest = topic[len(prefix_groups):].partition("/")
         validate_group(target)
         if rest == Channel.OTA_COMMAND.value:
             return ParsedTopic("group", target, Channel.OTA_COMMAND)
-    raise TopicError(f"{topic!r} is not a Sightline topic (expected {DEVICES}/<id>/<channel> "
-                     f"or {GROUPS}/<group>/{Channel.OTA_COMMAND.value})")
+    elif topic.startswith(UPDATES + "/"):
+        target, _, rest = topic[len(UPDATES) + 1:].partition("/")
+        validate_update_id(target)
+        kind, _, index = rest.partition("/")
+        if kind == Channel.OTA_CHUNKS.value and index.isdigit() and len(index) < 7 \
+                and str(int(index)) == index:
+            return ParsedTopic("update", target, Channel.OTA_CHUNKS, int(index))
+    raise TopicError(f"{topic!r} is not a Sightline topic (expected {DEVICES}/<id>/<channel>, "
+                     f"{GROUPS}/<group>/{Channel.OTA_COMMAND.value} or "
+                     f"{UPDATES}/<id>/chunks/<n>)")

@@ -104,6 +104,9 @@ class Manifest(_Strict):
     labels: tuple[str, ...] = ()
     thresholds: Thresholds = Thresholds()
     onnx: OnnxFile
+    # Optional .npz beside the model: "input:<name>" sample tensors and "output:<name>"
+    # reference outputs for them. OTA validation runs it on the device (smoke test).
+    sample: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.npz$")
     source: dict[str, str] = Field(default_factory=dict, description="provenance, informative")
 
 
@@ -202,7 +205,10 @@ def pack_archive(bundle: Bundle, archive: Path) -> Path:
     archive = Path(archive)
     tmp = archive.with_name(archive.name + ".part")
     with tarfile.open(tmp, "w:gz") as tar:
-        for name in (MANIFEST_NAME, bundle.manifest.onnx.file):
+        names = [MANIFEST_NAME, bundle.manifest.onnx.file]
+        if bundle.manifest.sample:
+            names.append(bundle.manifest.sample)
+        for name in names:
             tar.add(bundle.directory / name, arcname=name, recursive=False)
     os.replace(tmp, archive)
     return archive

@@ -70,8 +70,21 @@ def main(log_level: str) -> None:
 @click.option("--control", metavar="ENDPOINT",
               help="Control socket for `sightline status` (default: under $XDG_RUNTIME_DIR "
                    "or /run/sightline).")
+@click.option("--broker", metavar="HOST:PORT",
+              help="Connect to the fleet's MQTT broker (telemetry, status, OTA updates); "
+                   "the [cloud] config table has TLS and the rest.")
+@click.option("--device-id", help="This device's id on the broker (with --broker).")
+@click.option("--group", "groups", multiple=True,
+              help="Fleet group this device belongs to (OTA to a group); repeat for several.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Model store, OTA journal and MQTT outbox (with --broker).")
+@click.option("--trusted-key", "trusted_keys", multiple=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="Operator public key (.ed25519.pub) or directory of them that OTA "
+                   "updates must be signed with; repeat for several.")
 def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_dir,
-          plain, metrics_listen, control) -> None:
+          plain, metrics_listen, control, broker, device_id, groups, state_dir,
+          trusted_keys) -> None:
     """Run the frame daemon until SIGINT/SIGTERM.
 
     The headset link is encrypted and authenticated with CurveZMQ: only headsets enrolled
@@ -95,10 +108,23 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
         "security.mode": "plain" if plain else None,
         "server.metrics_listen": metrics_listen,
     })
+    config = _with_cloud_flags(config, broker, device_id, groups, state_dir, trusted_keys)
     config, profile = apply_device_profile(config)
     logging.info("device profile %s: prefers %s, backends %s", profile.name, config.precision,
                  "/".join(profile.backends))
     bundles = [preferred_variant(resolve_bundle(ref), config.precision) for ref in config.models]
+    cloud = None
+    if config.cloud is not None:
+        from cloud_sync.agent import CloudSettings
+        from runtime.model_store import ModelStore
+
+        cloud = CloudSettings.parse(config.cloud)
+        cloud.link_config()  # config errors now, before anything starts
+        store = ModelStore(cloud.models_dir, keep_versions=cloud.ota.keep_versions,
+                           max_boots=cloud.ota.max_boots)
+        boot_events = store.on_boot()  # may roll back a crash-looping update before loading
+        # The store's active version wins over the configured bundle once it has one.
+        bundles = [store.seed(bundle) for bundle in bundles]
     server = Server(config, bundles)
     try:
         bound = server.bind()
@@ -113,7 +139,15 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     except SightlineError:
         server.close()
         raise
-    prometheus = _start_metrics(server, status, config.server.metrics_listen)
+    metrics, prometheus = _start_metrics(server, status, config.server.metrics_listen,
+                                         always=cloud is not None)
+    agent = None
+    if cloud is not None:
+        from cloud_sync.agent import CloudAgent
+        from runtime.model_host import ServerModelHost
+
+        agent = CloudAgent(cloud, store, ServerModelHost(server, config.engine),
+                           metrics.collect_snapshot).start(boot_events)
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -131,6 +165,8 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     try:
         server.serve(stop, watchdog=Watchdog.from_environ())
     finally:
+        if agent is not None:
+            agent.stop()
         control_server.stop()
         if prometheus is not None:
             prometheus[0].shutdown()
@@ -139,15 +175,48 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     logging.info("stopped cleanly")
 
 
-def _start_metrics(server, status, listen: str | None):
-    """Prometheus endpoint fed by the pipelines (observe_frame) and the daemon status."""
-    if not listen:
-        return None
+def _with_cloud_flags(config, broker, device_id, groups, state_dir, trusted_keys):
+    """The config with the --broker/--device-id/... flags merged into its [cloud] table."""
+    if not any((broker, device_id, groups, state_dir, trusted_keys)):
+        return config
+    cloud = dict(config.cloud or {})
+    link = dict(cloud.get("link", {}))
+    if broker:
+        host, _, port = broker.rpartition(":")
+        if not host or not port.isdigit():
+            raise SightlineError(f"--broker {broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+        link.update(host=host, port=int(port))
+    if device_id:
+        link["device_id"] = device_id
+    if groups:
+        link["groups"] = list(groups)
+    if state_dir:
+        cloud["state_dir"] = str(state_dir)
+    if trusted_keys:
+        cloud["trusted_keys"] = [str(k) for k in trusted_keys]
+    cloud["link"] = link
+    missing = [flag for flag, key, table in (("--broker", "host", link),
+                                             ("--device-id", "device_id", link),
+                                             ("--state-dir", "state_dir", cloud))
+               if key not in table]
+    if missing:
+        raise SightlineError(f"the cloud link also needs {', '.join(missing)} (or the same "
+                             "keys in the config's [cloud] table)")
+    return config.model_copy(update={"cloud": cloud})
+
+
+def _start_metrics(server, status, listen: str | None, always: bool = False):
+    """Metrics fed by the pipelines (observe_frame) and the daemon status, and their
+    Prometheus endpoint when `listen` is set; (None, None) when neither is wanted."""
+    if not listen and not always:
+        return None, None
     from runtime.metrics import Metrics, serve_prometheus
 
     metrics = Metrics(status=status)
     for pipeline in server.pipelines.values():
         pipeline.metrics = metrics
+    if not listen:
+        return metrics, None
     host, port = listen.rsplit(":", 1)
     try:
         prometheus = serve_prometheus(metrics, host, int(port))
@@ -155,7 +224,7 @@ def _start_metrics(server, status, listen: str | None):
         server.close()
         raise SightlineError(f"cannot serve metrics on {listen}: {exc}") from None
     logging.info("Prometheus metrics on http://%s/metrics", listen)
-    return prometheus
+    return metrics, prometheus
 
 
 _BUNDLE_FLAGS = (
@@ -792,6 +861,19 @@ def service_install(user: str, config_path: Path, dry_run: bool) -> None:
                else "installed. Start it now and at every boot with:")
     for step in plan.next_steps:
         click.echo(f"  {step}")
+
+
+
+def _register_operator_commands() -> None:
+    """The cloud operator's commands live in cloud_sync/cli.py (imports there are lazy)."""
+    from cloud_sync.cli import fleet, keys_gen, push, rollback
+
+    keys.add_command(keys_gen)
+    for command in (push, rollback, fleet):
+        main.add_command(command)
+
+
+_register_operator_commands()
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ class ServeConfig(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # Device profile overrides, [profiles.<class>] tables (see `sightline devices`).
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # [cloud]: MQTT link, telemetry and OTA updates (validated by cloud_sync.agent, which
+    # the daemon imports only when this table is present).
+    cloud: dict[str, Any] | None = None
 
     @field_validator("profiles")
     @classmethod

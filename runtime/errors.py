@@ -37,3 +37,11 @@ class ProtocolError(SightlineError):
 
 class EngineMismatch(EngineError):
     """A compiled engine is not valid for this GPU / TensorRT version / bundle."""
+
+
+class UpdateRejected(SightlineError):
+    """An over-the-air update failed a check; the model that was serving keeps serving."""
+
+    def __init__(self, message: str, *, step: str = "verify") -> None:
+        super().__init__(message)
+        self.step = step

@@ -39,8 +39,32 @@ class FrameJob:
     depth: memoryview | bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """Everything per-model that a frame needs, swapped as one reference (hot swap)."""
+
+    bundle: Bundle
+    engine: Engine
+    preprocess: Preprocessor
+    decode_outputs: object
+    input_name: str
+
+    @classmethod
+    def of(cls, bundle: Bundle, engine: Engine) -> LoadedModel:
+        manifest = bundle.manifest
+        return cls(bundle, engine, Preprocessor(manifest.input, manifest.preprocess),
+                   make_decoder(manifest), manifest.input.name)
+
+    def warm_up(self, size: tuple[int, int] = (640, 480), runs: int = 2) -> None:
+        width, height = size
+        tensor, _ = self.preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
+        for _ in range(runs):
+            self.engine.infer({self.input_name: tensor})
+
+
 @dataclass(slots=True)
 class _Prepared:
+    model: LoadedModel  # the model this frame was prepared for; it is inferred with it too
     client: bytes
     job: FrameJob
     tensor: np.ndarray
@@ -65,12 +89,10 @@ class PipelineCounters:
 class ModelPipeline:
     def __init__(self, bundle: Bundle, engine: Engine, context: zmq.Context, reply_endpoint: str,
                  deadline_s: float) -> None:
-        self.bundle = bundle
-        self.engine = engine
+        self._model = LoadedModel.of(bundle, engine)
+        self._retired: list[LoadedModel] = []  # swapped out; closed once no frame uses them
+        self._swap_lock = threading.Lock()
         self.counters = PipelineCounters()
-        self._input_name = bundle.manifest.input.name
-        self._preprocess = Preprocessor(bundle.manifest.input, bundle.manifest.preprocess)
-        self._decode_outputs = make_decoder(bundle.manifest)
         self._context = context
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
@@ -89,6 +111,35 @@ class ModelPipeline:
             threading.Thread(target=self._prepare_loop, name=f"sightline-prepare-{name}"),
             threading.Thread(target=self._infer_loop, name=f"sightline-infer-{name}"),
         ]
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._model.bundle
+
+    @property
+    def engine(self) -> Engine:
+        return self._model.engine
+
+    def swap(self, bundle: Bundle, engine: Engine) -> None:
+        """Serve `bundle` with `engine` (opened and warmed up by the caller) from the next
+        frame on. Frames already prepared finish on the old model, which is closed after
+        them; no frame fails or waits because of the swap."""
+        if bundle.name != self._model.bundle.name:
+            raise SightlineError(f"cannot swap {bundle.name} into the {self.bundle.name} pipeline")
+        new = LoadedModel.of(bundle, engine)
+        with self._swap_lock:
+            old, self._model = self._model, new  # one reference store: atomic for readers
+            self._retired.append(old)
+
+    def _close_retired(self, current: LoadedModel | None) -> None:
+        """Close swapped-out models once a frame of `current` shows none is still in use
+        (frames are prepared and inferred in order); None closes them all (shutdown)."""
+        with self._swap_lock:
+            if not self._retired or (current is not None and current is not self._model):
+                return
+            retired, self._retired = self._retired, []
+        for model in retired:
+            model.engine.close()
 
     # -- called from the I/O thread ---------------------------------------------------
     def submit(self, client: bytes, job: FrameJob) -> FrameJob | None:
@@ -119,10 +170,7 @@ class ModelPipeline:
         # that asks for planes (that model would stall for the second).
         self._spatial_stage()
         if warm_up_size is not None:
-            width, height = warm_up_size
-            tensor, _ = self._preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
-            for _ in range(2):
-                self.engine.infer({self._input_name: tensor})
+            self._model.warm_up(warm_up_size)
         for thread in self._threads:
             thread.start()
 
@@ -131,7 +179,8 @@ class ModelPipeline:
         self._slots.wake()
         for thread in self._threads:
             thread.join()
-        self.engine.close()
+        self._close_retired(None)
+        self._model.engine.close()
 
     # -- pipeline threads ---------------------------------------------------------------
     def _reply_socket(self) -> zmq.Socket:
@@ -162,24 +211,25 @@ class ModelPipeline:
         client, job = taken
         if self._expired(client, job, replies):
             return None
+        model = self._model
         try:
             image, color = decode_pixels(job.header, job.payload)
             depth = (decode_depth(job.header.depth, job.depth)
                      if job.header.depth is not None else None)
             decoded = time.time()
-            tensor, transform = self._preprocess(image, color)
+            tensor, transform = model.preprocess(image, color)
         except ProtocolError as exc:
             self.counters.add("errors")
             replies.send_multipart([client, encode_error(job.header.seq, exc.code, exc.message)])
             return None
         except Exception as exc:  # a bug must cost one frame, never the model's thread
-            log.exception("preprocessing failed on a frame for %s", self.bundle.name)
+            log.exception("preprocessing failed on a frame for %s", model.bundle.name)
             self.counters.add("errors")
             replies.send_multipart([client, encode_error(
                 job.header.seq, ErrorCode.INTERNAL, f"preprocessing failed: {exc}")])
             return None
         stamps = {"received": job.received, "decoded": decoded, "preprocessed": time.time()}
-        return _Prepared(client, job, tensor, transform, stamps, image, depth)
+        return _Prepared(model, client, job, tensor, transform, stamps, image, depth)
 
     def _expired(self, client: bytes, job: FrameJob, replies: zmq.Socket) -> bool:
         if time.time() - job.received <= self._deadline_s:
@@ -191,7 +241,6 @@ class ModelPipeline:
 
     def _infer_loop(self) -> None:
         replies = self._reply_socket()
-        manifest = self.bundle.manifest
         try:
             while not self._stop.is_set():
                 self._beats["infer"] = time.monotonic()
@@ -199,6 +248,7 @@ class ModelPipeline:
                     item = self._ready.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
+                manifest = item.model.bundle.manifest
                 # The next frame may be prepared while this one is in the engine.
                 self._free.release()
                 # Checked again here: a prepared frame waits out the previous inference.
@@ -218,13 +268,15 @@ class ModelPipeline:
                     reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL,
                                          f"output decoding failed: {exc}")
                 replies.send_multipart([item.client, reply])
+                self._close_retired(item.model)
         finally:
             replies.close()
 
     def _run(self, item: _Prepared, name: str, version: str) -> bytes:
-        outputs = self.engine.infer({self._input_name: item.tensor})
+        model = item.model
+        outputs = model.engine.infer({model.input_name: item.tensor})
         item.stamps["inferred"] = time.time()
-        result = self._decode_outputs(outputs, item.transform)
+        result = model.decode_outputs(outputs, item.transform)
         item.stamps["postprocessed"] = time.time()
         header = item.job.header
         extra = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,8 @@ class Daemon:
 
 
 def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
-                 timeout: float = 60.0, curve: CurveKeys | None = None) -> Daemon:
+                 timeout: float = 60.0, curve: CurveKeys | None = None,
+                 env: dict[str, str] | None = None) -> Daemon:
     """Plain mode unless `curve` keys are given (then the daemon uses curve.keys_dir)."""
     endpoint = endpoint or f"ipc://{tmp_path}/sightline.sock"
     log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
@@ -109,7 +111,8 @@ def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
     with open(log_path, "w") as log_file:
         process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *security, *control,
                                     *args],
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+                                   stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **env} if env else None)
     daemon = Daemon(endpoint, process, log_path)
     ping_keys = curve.client_kwargs() if curve else {}
     deadline = time.monotonic() + timeout
@@ -127,8 +130,9 @@ def daemon_factory(short_tmp: Path, centerface_bundle: Bundle) -> Iterator:
     """Start `sightline serve` processes; all are stopped when the test ends."""
     started: list[Daemon] = []
 
-    def factory(*args: str, endpoint: str | None = None, curve: CurveKeys | None = None) -> Daemon:
-        daemon = start_daemon(short_tmp, *args, endpoint=endpoint, curve=curve)
+    def factory(*args: str, endpoint: str | None = None, curve: CurveKeys | None = None,
+                env: dict[str, str] | None = None) -> Daemon:
+        daemon = start_daemon(short_tmp, *args, endpoint=endpoint, curve=curve, env=env)
         started.append(daemon)
         return daemon
 

@@ -15,7 +15,7 @@ import pytest
 
 from cloud_sync.link import Downlink, LinkConfig, LinkError, MqttLink
 from cloud_sync.outbox import MessageKind, Outbox
-from cloud_sync.topics import Channel, device_topics, group_command_topic
+from cloud_sync.topics import Channel, chunk_topic, device_topics, group_command_topic
 
 DEVICE = "quest-01"
 TOPICS = device_topics(DEVICE)
@@ -236,11 +236,13 @@ def test_downlink_handler_gets_own_and_group_topics_only(broker, link_factory,
     link = link_factory(broker.port, groups=("lab", "eu"), on_downlink=handle)
     link.start()
     assert link.wait_connected(5)
+    link.subscribe([chunk_topic("u1", 3)])
     time.sleep(0.2)  # SUBACK
     cloud = observer_factory(broker.port, [])
     for topic, payload in [
         (TOPICS.ota_command, b"boom"),  # the handler raises: logged, counted, acked
-        (TOPICS.ota_chunks("u1"), b"chunk"),
+        (chunk_topic("u1", 3), b"chunk"),
+        (chunk_topic("u1", 4), b"not subscribed"),
         (group_command_topic("eu"), b"eu"),
         (group_command_topic("other"), b"not mine"),
         (device_topics("quest-02").ota_command, b"not mine"),
@@ -250,11 +252,11 @@ def test_downlink_handler_gets_own_and_group_topics_only(broker, link_factory,
     assert done.wait(5)
     assert [(d.topic.channel, d.topic.target, d.payload) for d in received] == [
         (Channel.OTA_COMMAND, DEVICE, b"boom"),
-        (Channel.OTA_CHUNKS, DEVICE, b"chunk"),
+        (Channel.OTA_CHUNKS, "u1", b"chunk"),
         (Channel.OTA_COMMAND, "eu", b"eu"),
         (Channel.OTA_COMMAND, DEVICE, b"last"),
     ]
-    assert received[1].topic.update_id == "u1"
+    assert (received[1].topic.update_id, received[1].topic.index) == ("u1", 3)
     stats = link.stats()
     assert (stats.downlinks_handled, stats.downlink_handler_errors) == (3, 1)
 

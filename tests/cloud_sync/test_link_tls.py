@@ -27,7 +27,7 @@ pattern write sightline/v1/devices/%u/status
 pattern write sightline/v1/devices/%u/telemetry
 pattern write sightline/v1/devices/%u/ota/progress
 pattern read sightline/v1/devices/%u/ota/command
-pattern read sightline/v1/devices/%u/ota/chunks/+
+topic read sightline/v1/updates/+/chunks/+
 
 user dev-a
 topic read sightline/v1/groups/lab/ota/command

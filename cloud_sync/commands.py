@@ -1,0 +1,147 @@
+"""What the cloud tells a device to do (update, roll back) and what the device reports.
+
+Commands are validated once, here, after the signature has been checked
+(cloud_sync/signing.py); the updater trusts these types. Progress states are the
+steps of an update in order, then the terminal outcomes.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cloud_sync.topics import TopicError, validate_device_id, validate_group, validate_update_id
+from runtime.errors import UpdateRejected
+
+_SHA256 = r"^[0-9a-f]{64}$"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttChunks(_Strict):
+    """The bundle as retained chunks on updates/{update_id}/chunks/{index}."""
+
+    method: Literal["mqtt"] = "mqtt"
+    chunk_size: int = Field(gt=0, le=16 * 1024 * 1024)
+    chunk_sha256: tuple[Annotated[str, Field(pattern=_SHA256)], ...] = Field(min_length=1)
+
+
+class HttpDownload(_Strict):
+    """The bundle at an http(s) URL, fetched with range requests (resumable)."""
+
+    method: Literal["http"] = "http"
+    url: str = Field(pattern=r"^https?://")
+
+
+class Tolerance(_Strict):
+    """How close the device's outputs on the bundle's sample must be to the reference."""
+
+    atol: float = Field(default=1e-3, ge=0)
+    rtol: float = Field(default=1e-3, ge=0)
+
+
+class _Targets(_Strict):
+    devices: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    issued_at: float = Field(default_factory=time.time)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(validate_device_id(v) for v in value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(validate_group(v) for v in value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+    def addresses(self, device_id: str, groups: tuple[str, ...]) -> bool:
+        """Whether this command is meant for this device (signed, so not re-addressable)."""
+        return device_id in self.devices or bool(set(groups) & set(self.groups))
+
+
+class UpdateCommand(_Targets):
+    type: Literal["update"] = "update"
+    update_id: str
+    model: str = Field(pattern=_NAME)
+    version: str = Field(min_length=1, max_length=64, pattern=_NAME)
+    sha256: str = Field(pattern=_SHA256)
+    size: int = Field(gt=0)
+    delivery: MqttChunks | HttpDownload = Field(discriminator="method")
+    # Validation on the device: the bundle's sample through the prepared engine must take
+    # at most this long (median of a few runs) and match the references within tolerance.
+    latency_budget_ms: float | None = Field(default=None, gt=0)
+    reference: Tolerance | None = None
+
+    @field_validator("update_id")
+    @classmethod
+    def _update_id(cls, value: str) -> str:
+        try:
+            return validate_update_id(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class RollbackCommand(_Targets):
+    type: Literal["rollback"] = "rollback"
+    command_id: str = Field(pattern=_NAME, max_length=64)
+    model: str = Field(pattern=_NAME)
+    to_version: str | None = None  # None: the version that served before the current one
+
+
+Command = Annotated[UpdateCommand | RollbackCommand, Field(discriminator="type")]
+
+
+class _CommandDocument(_Strict):
+    command: Command
+
+
+def parse_command(document: dict[str, Any]) -> UpdateCommand | RollbackCommand:
+    """Validate a verified payload; UpdateRejected naming the bad fields otherwise."""
+    try:
+        return _CommandDocument.model_validate({"command": document}).command
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'command'}: "
+                             f"{e['msg']}" for e in exc.errors())
+        raise UpdateRejected(f"invalid OTA command: {problems}") from None
+
+
+class OtaState(str, Enum):
+    """Steps of an update, in order, then outcomes. Reported on devices/{id}/ota/progress."""
+
+    ACCEPTED = "accepted"  # signature, addressing and schema checked
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"  # size and sha256 match the signed command
+    UNPACKED = "unpacked"
+    PREPARED = "prepared"  # engine built/opened for this device
+    VALIDATED = "validated"  # smoke inference, budget, references
+    ACTIVE = "active"  # serving, on probation until confirmed
+    CONFIRMED = "confirmed"  # healthy for the probation time: the new last good model
+    # outcomes
+    REJECTED = "rejected"  # refused before anything was fetched
+    FAILED = "failed"  # a step failed; the previous model never stopped serving
+    ROLLED_BACK = "rolled_back"  # was active, now the previous version serves again
+    INTERRUPTED = "interrupted"  # the daemon restarted mid-update; the update was dropped
+    CURRENT = "current"  # this version is already active: nothing to do
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({OtaState.CONFIRMED, OtaState.REJECTED, OtaState.FAILED,
+                      OtaState.ROLLED_BACK, OtaState.INTERRUPTED, OtaState.CURRENT})
+STEPS = (OtaState.ACCEPTED, OtaState.DOWNLOADING, OtaState.DOWNLOADED, OtaState.UNPACKED,
+         OtaState.PREPARED, OtaState.VALIDATED, OtaState.ACTIVE, OtaState.CONFIRMED)

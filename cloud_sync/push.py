@@ -1,0 +1,289 @@
+"""Operator side of OTA: package a bundle, sign the command, publish it, follow the rollout.
+
+Staged: with a canary, the command first goes to the canary devices only; the rest of
+the fleet gets it when every canary has confirmed the new version (its own probation)
+and stayed online and healthy for the soak time. A failing canary stops the rollout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud_sync.commands import (
+    HttpDownload,
+    MqttChunks,
+    OtaState,
+    RollbackCommand,
+    Tolerance,
+    UpdateCommand,
+)
+from cloud_sync.delivery.mqtt_chunks import chunk_ranges
+from cloud_sync.signing import sign
+from cloud_sync.topics import chunk_topic, device_topics, group_command_topic
+from runtime.bundle import MANIFEST_NAME, Bundle, pack_archive
+from runtime.errors import SightlineError
+
+log = logging.getLogger(__name__)
+DEFAULT_CHUNK_SIZE = 256 * 1024
+FAILED_STATES = {OtaState.FAILED.value, OtaState.REJECTED.value, OtaState.ROLLED_BACK.value,
+                 OtaState.INTERRUPTED.value}
+DONE_STATES = {OtaState.CONFIRMED.value, OtaState.CURRENT.value}
+
+
+class RolloutError(SightlineError):
+    """The rollout stopped: a canary failed, or devices did not answer in time."""
+
+
+def package_bundle(source: Path, work_dir: Path, *, with_reference: bool = True) -> Path:
+    """The bundle as one archive, with a sample input and reference outputs (computed here
+    with ONNX Runtime on the CPU) so that devices can validate it before serving it."""
+    from runtime.engines import EngineSettings, open_engine
+    from runtime.validation import sample_feeds, write_sample
+
+    bundle = Bundle.load(source, unpack_root=work_dir / "unpacked")
+    copy = work_dir / "bundle"
+    shutil.copytree(bundle.directory, copy)
+    bundle = Bundle(copy, bundle.manifest)
+    if with_reference and bundle.manifest.sample is None:
+        inputs, _ = sample_feeds(bundle)
+        engine = open_engine(bundle.onnx_path, EngineSettings(providers=("CPUExecutionProvider",)))
+        try:
+            outputs = engine.infer(inputs)
+        finally:
+            engine.close()
+        write_sample(bundle, inputs, outputs)
+        manifest = bundle.manifest.model_copy(update={"sample": "sample.npz"})
+        (copy / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+        bundle = Bundle(copy, manifest)
+    return pack_archive(bundle, work_dir / f"{bundle.name}-{bundle.version}.sightline")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def chunk_digests(archive: Path, chunk_size: int) -> list[str]:
+    data = archive.read_bytes()
+    return [hashlib.sha256(data[o:o + n]).hexdigest()
+            for o, n in chunk_ranges(len(data), chunk_size)]
+
+
+def make_update(archive: Path, *, url: str | None = None,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, update_id: str | None = None,
+                latency_budget_ms: float | None = None, tolerance: Tolerance | None = None,
+                devices: Iterable[str] = (), groups: Iterable[str] = ()) -> UpdateCommand:
+    bundle = Bundle.load(archive, unpack_root=archive.parent / "check")
+    delivery = (HttpDownload(url=url) if url else
+                MqttChunks(chunk_size=chunk_size, chunk_sha256=tuple(chunk_digests(archive,
+                                                                                  chunk_size))))
+    return UpdateCommand(
+        update_id=update_id or f"{bundle.name}-{bundle.version}-{secrets.token_hex(3)}"[:64],
+        model=bundle.name, version=bundle.version, sha256=file_sha256(archive),
+        size=archive.stat().st_size, delivery=delivery, latency_budget_ms=latency_budget_ms,
+        reference=tolerance, devices=tuple(devices), groups=tuple(groups))
+
+
+def publish_chunks(client, command: UpdateCommand, archive: Path, publish: Callable,
+                   progress: Callable[[int], None] | None = None) -> int:
+    """Publish every chunk retained (QoS 1); returns how many."""
+    assert isinstance(command.delivery, MqttChunks)
+    data = archive.read_bytes()
+    ranges = chunk_ranges(len(data), command.delivery.chunk_size)
+    for index, (offset, length) in enumerate(ranges):
+        publish(client, chunk_topic(command.update_id, index), data[offset:offset + length],
+                retain=True)
+        if progress:
+            progress(length)
+    return len(ranges)
+
+
+def clear_chunks(client, command: UpdateCommand, publish: Callable) -> None:
+    """Delete the retained chunks (an empty retained message clears a topic)."""
+    if isinstance(command.delivery, MqttChunks):
+        for index in range(len(command.delivery.chunk_sha256)):
+            publish(client, chunk_topic(command.update_id, index), b"", retain=True)
+
+
+def command_topics(command: UpdateCommand | RollbackCommand) -> list[str]:
+    return ([device_topics(d).ota_command for d in command.devices]
+            + [group_command_topic(g) for g in command.groups])
+
+
+def publish_command(client, command: UpdateCommand | RollbackCommand, private_key,
+                    publish: Callable) -> None:
+    import json
+
+    envelope = json.dumps(sign(command.model_dump(mode="json"), private_key)).encode()
+    for topic in command_topics(command):
+        publish(client, topic, envelope, retain=False)
+
+
+@dataclass
+class Rollout:
+    """Per-device outcome of one update, as the devices reported it."""
+
+    update_id: str
+    states: dict[str, dict] = field(default_factory=dict)
+
+    def finished(self, devices: Iterable[str]) -> bool:
+        return all(self.states.get(d, {}).get("state") in DONE_STATES | FAILED_STATES
+                   for d in devices)
+
+    def failed(self, devices: Iterable[str]) -> dict[str, dict]:
+        return {d: self.states[d] for d in devices
+                if self.states.get(d, {}).get("state") in FAILED_STATES}
+
+
+def wait_for(rollout_state: Callable[[], dict[str, dict]], devices: list[str], timeout_s: float,
+             *, on_change: Callable[[dict[str, dict]], None] | None = None,
+             poll_s: float = 0.2) -> dict[str, dict]:
+    """Poll progress until every device is in a terminal state, or raise RolloutError."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        states = rollout_state()
+        if on_change and states != last:
+            on_change(states)
+            last = dict(states)
+        if all(states.get(d, {}).get("state") in DONE_STATES | FAILED_STATES for d in devices):
+            return states
+        if time.monotonic() > deadline:
+            silent = [d for d in devices if d not in states]
+            pending = [d for d in devices
+                       if states.get(d, {}).get("state") not in DONE_STATES | FAILED_STATES]
+            raise RolloutError(
+                f"timed out after {timeout_s:g} s; no final state from {', '.join(pending)}"
+                + (f" (never heard from {', '.join(silent)}: offline?)" if silent else ""))
+        time.sleep(poll_s)
+
+
+def temp_work_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="sightline-push-"))
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Who an update goes to: devices named directly, and groups (resolved to members)."""
+
+    devices: tuple[str, ...]
+    groups: tuple[str, ...]
+    members: tuple[str, ...]  # every device addressed, as the fleet's statuses say
+
+
+def resolve_targets(state, names: Iterable[str]) -> Targets:
+    """`device:ID`, `group:NAME`, or a bare name: a device if one reports that id, else a
+    group if a device reports membership. Unknown names are an error (typo guard)."""
+    devices, groups, members = [], [], []
+    known = {row.device_id: row for row in state.rows()}
+    for name in names:
+        kind, _, value = name.partition(":") if ":" in name else ("", "", name)
+        if kind not in ("", "device", "group"):
+            raise RolloutError(f"{name!r}: use device:ID, group:NAME or a bare name")
+        in_group = sorted(d for d, row in known.items() if value in row.groups)
+        if kind == "device" or (not kind and value in known):
+            if value not in known and kind == "device":
+                log.warning("device %s has never reported to this broker", value)
+            devices.append(value)
+            members.append(value)
+        elif kind == "group" or in_group:
+            if not in_group:
+                raise RolloutError(f"no device reports membership of group {value!r}")
+            groups.append(value)
+            members += in_group
+        else:
+            raise RolloutError(
+                f"{value!r} is neither a device nor a group any device on this broker "
+                f"reports (known devices: {', '.join(sorted(known)) or 'none'})")
+    return Targets(tuple(devices), tuple(groups), tuple(dict.fromkeys(members)))
+
+
+def rollout(client, state, archive: Path, private_key, targets: Targets, *,
+            publish: Callable, canaries: Iterable[str] = (), soak_s: float = 0.0,
+            timeout_s: float = 900.0, url: str | None = None,
+            chunk_size: int = DEFAULT_CHUNK_SIZE, latency_budget_ms: float | None = None,
+            tolerance: Tolerance | None = None, keep_chunks: bool = False,
+            on_event: Callable[[str], None] = log.info) -> dict[str, dict]:
+    """Publish the bundle and the signed command, canaries first; returns each device's
+    final progress document. Raises RolloutError when a canary fails (the rest is then
+    never told) or devices stay silent past `timeout_s`."""
+    canaries = [d for d in canaries if d in targets.members] or []
+    rest = [d for d in targets.members if d not in canaries]
+    command = make_update(archive, url=url, chunk_size=chunk_size,
+                          latency_budget_ms=latency_budget_ms, tolerance=tolerance,
+                          devices=canaries or targets.devices,
+                          groups=() if canaries else targets.groups)
+    on_event(f"update {command.update_id}: {command.model}@{command.version}, "
+             f"{command.size} bytes, to {len(targets.members)} device(s)")
+    if url is None:
+        count = publish_chunks(client, command, archive, publish)
+        on_event(f"published {count} retained chunks of {chunk_size} bytes")
+
+    def progress() -> dict[str, dict]:
+        return state.all_progress(command.update_id)
+
+    def report(states: dict[str, dict]) -> None:
+        for device, doc in sorted(states.items()):
+            key = (doc.get("state"), doc.get("percent"))
+            if seen.get(device) != key:
+                seen[device] = key
+                percent = f" {doc['percent']}%" if doc.get("state") == "downloading" else ""
+                detail = f": {doc['detail']}" if doc.get("detail") else ""
+                on_event(f"{device:<20} {doc.get('state')}{percent}{detail}")
+
+    seen: dict[str, tuple] = {}
+    try:
+        if canaries:
+            on_event(f"stage 1: canaries {', '.join(canaries)}")
+            publish_command(client, command, private_key, publish)
+            states = wait_for(progress, canaries, timeout_s, on_change=report)
+            failed = {d: s for d, s in states.items() if d in canaries
+                      and s.get("state") in FAILED_STATES}
+            if failed:
+                raise RolloutError("canary failed, rollout stopped before the rest of the fleet: "
+                                   + "; ".join(f"{d} {s.get('state')}: {s.get('detail', '')}"
+                                               for d, s in failed.items()))
+            if soak_s > 0:
+                on_event(f"canaries confirmed; soaking {soak_s:g} s before the rest")
+                _soak(state, command, canaries, soak_s)
+            if not rest:
+                return {d: progress().get(d, {}) for d in targets.members}
+            command = command.model_copy(update={"devices": tuple(
+                d for d in targets.devices if d not in canaries), "groups": targets.groups})
+            if not command.devices and not command.groups:
+                return {d: progress().get(d, {}) for d in targets.members}
+            on_event(f"stage 2: {len(rest)} device(s)")
+        publish_command(client, command, private_key, publish)
+        states = wait_for(progress, rest, timeout_s, on_change=report)
+        return {d: states.get(d, progress().get(d, {})) for d in targets.members}
+    finally:
+        if not keep_chunks:
+            clear_chunks(client, command, publish)
+
+
+def _soak(state, command: UpdateCommand, canaries: list[str], soak_s: float) -> None:
+    """The canaries must stay online, keep the new version and not roll back for soak_s."""
+    deadline = time.monotonic() + soak_s
+    while time.monotonic() < deadline:
+        for device in canaries:
+            record = state.device(device)
+            status = (record.status if record else None) or {}
+            latest = state.progress(device, command.update_id) or {}
+            if status.get("state") == "offline":
+                raise RolloutError(f"canary {device} went offline during the soak; rollout "
+                                   "stopped before the rest of the fleet")
+            if latest.get("state") in FAILED_STATES:
+                raise RolloutError(f"canary {device} {latest.get('state')} during the soak: "
+                                   f"{latest.get('detail', '')}; rollout stopped")
+        time.sleep(0.2)

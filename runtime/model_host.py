@@ -1,0 +1,55 @@
+"""The narrow seam through which cloud_sync changes what a running daemon serves.
+
+cloud_sync never touches pipelines or sockets: it opens an engine for a bundle, asks
+for a swap, and reads health counters. The swap itself is ModelPipeline.swap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from runtime.bundle import Bundle
+from runtime.engines import Engine, EngineSettings, open_bundle_engine
+from runtime.errors import SightlineError
+
+if TYPE_CHECKING:
+    from runtime.server import Server
+
+
+@dataclass(frozen=True)
+class ModelHealth:
+    healthy: bool  # both pipeline threads alive and turning
+    results: int
+    errors: int
+
+
+class ServerModelHost:
+    def __init__(self, server: Server, engine_settings: EngineSettings) -> None:
+        self._server = server
+        # An update may need a TensorRT engine that no one compiled yet: build it (it is
+        # the "prepare" step) rather than fail or fall back silently.
+        self.engine_settings = engine_settings.model_copy(update={"build_missing_engines": True})
+
+    def serving(self) -> dict[str, str]:
+        return {name: p.bundle.version for name, p in self._server.pipelines.items()}
+
+    def open_engine(self, bundle: Bundle) -> Engine:
+        return open_bundle_engine(bundle, self.engine_settings)
+
+    def warm_up(self, bundle: Bundle, engine: Engine) -> None:
+        from runtime.pipeline import LoadedModel
+
+        LoadedModel.of(bundle, engine).warm_up()
+
+    def swap(self, bundle: Bundle, engine: Engine) -> None:
+        pipeline = self._server.pipelines.get(bundle.name)
+        if pipeline is None:
+            raise SightlineError(f"this daemon does not serve {bundle.name!r}; serving "
+                                 f"{', '.join(self._server.pipelines)}")
+        pipeline.swap(bundle, engine)
+
+    def health(self, name: str) -> ModelHealth:
+        pipeline = self._server.pipelines[name]
+        return ModelHealth(pipeline.healthy(), pipeline.counters.results,
+                           pipeline.counters.errors)
