@@ -66,6 +66,12 @@ class Operator:
         work.mkdir(parents=True)
         return package_bundle(source, work)
 
+    def package_without_reference(self, bundle: Bundle) -> Path:
+        """For models whose reference outputs cannot be computed (NaN): sample input only."""
+        work = self.work / f"pkg-{time.monotonic_ns()}"
+        work.mkdir(parents=True)
+        return package_bundle(bundle.directory, work, with_reference=False)
+
     def send(self, command: UpdateCommand, archive: Path | None = None, key=None) -> None:
         if archive is not None:
             publish_chunks(self.client, command, archive, self.publish)

@@ -3,16 +3,27 @@ packaged, signed and published by the operator code, frames streamed by the clie
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import signal
+import tarfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cloud_sync.topics import Channel, device_topics, fleet_filter
+from cloud_sync.commands import MqttChunks, RollbackCommand, Tolerance, UpdateCommand
+from cloud_sync.ota import FAILPOINT_ENV
+from cloud_sync.push import chunk_digests, make_update
+from cloud_sync.signing import generate_signing_key, load_private_key, sign
+from cloud_sync.topics import Channel, chunk_topic, device_topics, fleet_filter
+from runtime.bundle import Bundle, pack_archive
 from runtime.client import Client
-from tests.cloud_sync.ota_harness import MODEL, Operator, frame_64, tiny_bundle
+from runtime.engines import open_engine
+from runtime.validation import sample_feeds, write_sample
+from tests.cloud_sync.ota_harness import MODEL, Operator, frame_64, nan_model, tiny_bundle
 
 DEVICE = "edge-01"
 
@@ -90,3 +101,258 @@ def test_signed_update_swaps_while_a_client_streams_and_no_frame_fails(
     status = json.loads(operator.observer.on(device_topics(DEVICE).status)[-1].payload)
     assert status["models"][MODEL]["version"] == "2.0"
     assert status["models"][MODEL]["previous"] == "1.0"
+
+
+# -- faults: each ends with the device serving a working model and the failure reported --
+
+def _wait_serving(daemon, version: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (current := _version(daemon)) != version:
+        assert time.monotonic() < deadline, f"still serving {current}, expected {version}"
+        time.sleep(0.2)
+
+
+def test_broker_stopped_mid_transfer_then_restarted_resumes_the_download(
+        broker, device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=1024)
+    data = archive.read_bytes()
+    half = len(command.delivery.chunk_sha256) // 2
+    for index in range(half):  # only half the chunks are on the broker yet
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         data[index * 1024:(index + 1) * 1024], retain=True)
+    operator.send(command)
+    operator.wait_state(DEVICE, command.update_id, "downloading")
+    time.sleep(1.0)
+    broker.stop()
+    time.sleep(1.0)
+    broker.start()
+    operator.observer.wait_for(lambda _: operator.observer.client.is_connected(), 15)
+    for index in range(half, len(command.delivery.chunk_sha256)):
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         data[index * 1024:(index + 1) * 1024], retain=True)
+    done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", timeout=60)
+    assert done["state"] == "confirmed", operator.progress(DEVICE)
+    assert _version(daemon) == "2.0"
+    assert "resuming with" in daemon.log or "downloading" in operator.states(DEVICE)
+
+
+def test_corrupted_chunk_fails_the_update_and_keeps_serving(device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=1024)
+    operator.send(command, archive)
+    bad = bytearray(archive.read_bytes()[1024:2048])
+    bad[10] ^= 0xFF
+    operator.publish(operator.client, chunk_topic(command.update_id, 1), bytes(bad),
+                     retain=True)
+    # the command may have raced the corrupt chunk: publish it again under a new id
+    command = make_update(archive, devices=[DEVICE], chunk_size=1024)
+    for index in range(len(command.delivery.chunk_sha256)):
+        chunk = archive.read_bytes()[index * 1024:(index + 1) * 1024]
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         bytes(bad) if index == 1 else chunk, retain=True)
+    operator.send(command)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed", "confirmed", timeout=40)
+    assert failed["state"] == "failed"
+    assert "chunk 1 " in failed["detail"] and "sha256" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_tampered_command_with_a_wrong_signature_is_rejected(device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096)
+    envelope = sign(command.model_dump(mode="json"), operator.key)
+    envelope["payload"] = envelope["payload"].replace('"2.0"', '"2.1"')
+    operator.publish(operator.client, device_topics(DEVICE).ota_command,
+                     json.dumps(envelope).encode())
+    rejected = operator.wait_state(DEVICE, None, "rejected")
+    assert "signature does not verify" in rejected["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_command_signed_by_an_unknown_key_is_rejected(device, operator, short_tmp):
+    daemon = device()
+    _, stranger = generate_signing_key(short_tmp / "stranger", "mallory")
+    stranger_key = load_private_key(short_tmp / "stranger" / "mallory.ed25519")
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096)
+    operator.send(command, archive, key=stranger_key)
+    rejected = operator.wait_state(DEVICE, None, "rejected")
+    assert "unknown key" in rejected["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_bundle_whose_hash_differs_from_the_signed_one_fails(device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096)
+    command = command.model_copy(update={"sha256": "0" * 64})
+    operator.send(command, archive)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed")
+    assert failed["detail"].startswith("downloading:") and "does not match" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def _push_archive(operator: Operator, archive: Path):
+    command = make_update_unchecked(archive, devices=[DEVICE])
+    operator.send(command, archive)
+    return command
+
+
+def make_update_unchecked(archive: Path, *, devices, model: str = MODEL, version: str = "2.0",
+                          **fields) -> UpdateCommand:
+    """A correctly signed command for an archive that may not even be a bundle."""
+    return UpdateCommand(update_id=f"u-{time.monotonic_ns()}", model=model, version=version,
+                         sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
+                         size=archive.stat().st_size,
+                         delivery=MqttChunks(chunk_size=4096, chunk_sha256=tuple(
+                             chunk_digests(archive, 4096))), devices=tuple(devices), **fields)
+
+
+def test_truncated_bundle_fails_at_unpack(device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    truncated = short_tmp / "truncated.sightline"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    command = _push_archive(operator, truncated)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed")
+    assert failed["detail"].startswith("downloaded:") and "damaged" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_bundle_with_a_path_traversal_member_is_refused(device, operator, short_tmp):
+    daemon = device()
+    hostile = short_tmp / "hostile.sightline"
+    with tarfile.open(hostile, "w:gz") as tar:
+        payload = b"owned"
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    command = _push_archive(operator, hostile)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed")
+    assert "refusing archive member '../../escaped.txt'" in failed["detail"]
+    assert not list(short_tmp.rglob("escaped.txt"))
+    assert _version(daemon) == "1.0"
+
+
+def test_model_that_fails_to_load_is_not_activated(device, operator, short_tmp):
+    daemon = device()
+    broken = tiny_bundle(short_tmp / "v2", "2.0", onnx_bytes=b"not an onnx model at all")
+    archive = operator.package_without_reference(broken)  # `push` would refuse it locally
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096)
+    operator.send(command, archive)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed")
+    assert failed["detail"].startswith("unpacked:") and "failed to load" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_model_that_outputs_nan_fails_validation(device, operator, short_tmp):
+    daemon = device()
+    nan = tiny_bundle(short_tmp / "v2", "2.0", onnx_bytes=nan_model().SerializeToString())
+    archive = operator.package_without_reference(nan)
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096)
+    operator.send(command, archive)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed")
+    assert failed["detail"].startswith("prepared:") and "NaN" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_model_slower_than_its_budget_fails_validation(device, operator, short_tmp):
+    daemon = device()
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE,
+                            latency_budget_ms=0.001)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed")
+    assert "exceeds the budget of 0.001 ms" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_outputs_off_the_reference_fail_validation(device, operator, short_tmp):
+    daemon = device()
+    bundle = tiny_bundle(short_tmp / "v2", "2.0")
+    inputs, _ = sample_feeds(bundle)
+    engine = open_engine(bundle.onnx_path)
+    outputs = engine.infer(inputs)
+    engine.close()
+    write_sample(bundle, inputs, {k: v + 0.5 for k, v in outputs.items()})  # wrong references
+    manifest = bundle.manifest.model_copy(update={"sample": "sample.npz"})
+    (bundle.directory / "manifest.json").write_text(manifest.model_dump_json())
+    archive = pack_archive(Bundle(bundle.directory, manifest), short_tmp / "ref.sightline")
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096,
+                          tolerance=Tolerance(atol=0.01, rtol=0.01))
+    operator.send(command, archive)
+    failed = operator.wait_state(DEVICE, command.update_id, "failed", "confirmed")
+    assert failed["state"] == "failed"
+    assert "differs from its reference by up to 0.5" in failed["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_http_delivery_with_range_requests_updates_the_model(device, operator, short_tmp):
+    from tests.cloud_sync.http_server import serve_bytes
+
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    with serve_bytes({"/bundles/tiny-2.0.sightline": archive.read_bytes()}) as server:
+        url = server.url("/bundles/tiny-2.0.sightline")
+        command = make_update(archive, url=url, devices=[DEVICE])
+        operator.send(command)
+        done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", timeout=40)
+    assert done["state"] == "confirmed", operator.progress(DEVICE)
+    assert _version(daemon) == "2.0"
+
+
+def test_rollback_command_serves_the_previous_version_again(device, operator, short_tmp):
+    daemon = device()
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
+    operator.wait_state(DEVICE, command.update_id, "confirmed")
+    rollback = RollbackCommand(command_id="rb-1", model=MODEL, devices=(DEVICE,))
+    operator.send(rollback)
+    done = operator.wait_state(DEVICE, "rb-1", "rolled_back", "failed")
+    assert done["state"] == "rolled_back" and done["serving"][MODEL] == "1.0"
+    _wait_serving(daemon, "1.0")
+
+
+@pytest.mark.parametrize("step", ["accepted", "downloading", "downloaded", "unpacked",
+                                  "prepared", "validated", "installed"])
+def test_sigkill_before_activation_leaves_the_old_model_serving(device, operator, short_tmp,
+                                                                 step):
+    daemon = device(env={FAILPOINT_ENV: f"ota:{step}"})
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE, chunk_size=1024)
+    assert daemon.process.wait(30) == -signal.SIGKILL
+    daemon = device()
+    interrupted = operator.wait_state(DEVICE, command.update_id, "interrupted", timeout=30)
+    assert "tiny@1.0 serves" in interrupted["detail"]
+    assert _version(daemon) == "1.0"
+    staging = short_tmp / "state" / "models" / ".staging"
+    assert not staging.exists() or not any(staging.iterdir()), "staging left behind"
+
+
+def test_sigkill_right_after_activation_keeps_the_new_model_on_probation(
+        device, operator, short_tmp):
+    daemon = device(env={FAILPOINT_ENV: "ota:active"})
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
+    assert daemon.process.wait(30) == -signal.SIGKILL
+    daemon = device()
+    resumed = operator.wait_state(DEVICE, command.update_id, "active", timeout=30)
+    assert "restarted while this version was on probation" in resumed.get("detail", "") or \
+        resumed["serving"][MODEL] == "2.0"
+    operator.wait_state(DEVICE, command.update_id, "confirmed", timeout=30)
+    assert _version(daemon) == "2.0"
+
+
+def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
+        device, operator, short_tmp):
+    daemon = device(probation_s=60)
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
+    operator.wait_state(DEVICE, command.update_id, "active")
+    for _ in range(2):  # two restarts on probation are tolerated...
+        daemon.stop(signal.SIGKILL)
+        daemon = device(probation_s=60)
+        assert _version(daemon) == "2.0"
+    daemon.stop(signal.SIGKILL)  # ...the third is a crash loop
+    daemon = device(probation_s=60)
+    rolled = operator.wait_state(DEVICE, command.update_id, "rolled_back", timeout=30)
+    assert "crash loop" in rolled["detail"]
+    assert _version(daemon) == "1.0"
