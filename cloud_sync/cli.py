@@ -89,7 +89,7 @@ def keys_gen(name: str, directory: str) -> None:
 
 
 @click.command()
-@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.argument("bundle")
 @click.option("--to", "targets", multiple=True, required=True, metavar="DEVICE|GROUP",
               help="A device id or group (device:ID / group:NAME when ambiguous); repeatable.")
 @click.option("--key", "key_path", type=click.Path(exists=True, path_type=Path),
@@ -117,6 +117,8 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
          no_reference, timeout_s, keep_chunks, **broker) -> None:
     """Sign a bundle update and roll it out, following every device's progress.
 
+    BUNDLE is a bundle directory or .sightline archive (or 'centerface').
+
     \b
     Examples:
       sightline push bundles/centerface-1.6 --to edge-01
@@ -139,13 +141,16 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
         temp_work_dir,
     )
 
-    console = Console(stderr=False)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     key = _signing_key(key_path)
     config = _operator_config(**broker)
     work = temp_work_dir()
     try:
+        from runtime.model_zoo import resolve_bundle
+
         with console.status("packaging the bundle (sample input + reference outputs)"):
-            archive = package_bundle(bundle, work, with_reference=not no_reference)
+            source = resolve_bundle(bundle, show_progress=False).directory
+            archive = package_bundle(source, work, with_reference=not no_reference)
         with FleetWatcher(config) as watcher:
             _collect(watcher, 2.0)
             resolved = resolve_targets(watcher.state, targets)
@@ -230,4 +235,6 @@ def fleet(once_after_s, **broker) -> None:
 
     from cloud_sync.fleet import watch_fleet
 
-    watch_fleet(_operator_config(**broker), Console(), once_after_s=once_after_s)
+    # piped (scripts, logs): full rows instead of a table squeezed into 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    watch_fleet(_operator_config(**broker), console, once_after_s=once_after_s)

@@ -392,6 +392,30 @@ def ping(endpoint: str, timeout: float, server_key, client_key) -> None:
                    f"{model['provider']}{default}")
 
 
+@main.command("stream")
+@click.argument("endpoint", default="tcp://127.0.0.1:5555")
+@click.option("--seconds", type=float, help="Stop after this long (default: until Ctrl-C).")
+@click.option("--fps", type=float, default=30.0, show_default=True)
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False),
+              help="The daemon's public key file (daemon.key), for a CURVE daemon.")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False),
+              help="An enrolled headset's .key_secret file, for a CURVE daemon.")
+def stream_command(endpoint, seconds, fps, server_key, client_key) -> None:
+    """Act as a headset: stream frames to a daemon, print model version changes and any
+    frame that did not get a result. Exit status 1 if any frame failed."""
+    from runtime.headset_stream import stream
+
+    try:
+        summary = stream(endpoint, seconds=seconds, fps=fps, server_key=server_key,
+                         client_key=client_key, on_event=click.echo)
+    except ConnectionError as exc:
+        raise SightlineError(str(exc)) from None
+    failed = ", ".join(f"{k} {n}" for k, n in summary.not_results.items()) or "none"
+    click.echo(f"{summary.sent} frames, {summary.results} results, failed: {failed}; "
+               f"versions: {' -> '.join(summary.versions) or '-'}")
+    sys.exit(1 if summary.failed else 0)
+
+
 @main.command()
 @click.option("--source", help="Camera index or video file (default: built-in astronaut sequence).")
 @click.option("--depth", is_flag=True,
