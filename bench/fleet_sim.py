@@ -154,6 +154,20 @@ class Broker:
             self.process.stderr.close()
 
 
+class LogTally(logging.Handler):
+    """Counts warnings and errors by logger, so the figures say how noisy a run was."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = f"{record.name} {record.levelname}"
+        self.counts[key] += 1
+        self.first.setdefault(key, record.getMessage()[:200])
+
+
 def _rss_mb(status_path: str) -> float:
     for line in Path(status_path).read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -679,6 +693,8 @@ def print_summary(results: dict[str, Any]) -> None:
         row(f"broker {key.removeprefix('$SYS/broker/')} (delta)", int(value))
     row("serving after", results.get("verified", {}).get("serving"))
     row("shutdown (s)", results.get("shutdown", {}).get("shutdown_s"))
+    for key, entry in results.get("log_warnings_and_errors", {}).items():
+        row(f"log: {key}", entry["count"])
     Console().print(table)
 
 
@@ -706,6 +722,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--canaries must be fewer than --devices")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
+    tally = LogTally()
+    logging.getLogger().addHandler(tally)
+    if not args.verbose:
+        # paho 2.2 logs "Client is not connected" at ERROR when its loop runs once more
+        # after disconnect(); with hundreds of links that buries the summary. Counted.
+        paho_log = logging.getLogger("cloud_sync.paho")
+        paho_log.addHandler(tally)
+        paho_log.propagate = False
     # ~7 descriptors per device (socket, paho's wake-up pair, SQLite db/wal/shm, lock).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < 10 * args.devices + 256:
@@ -721,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     results["total_s"] = round(time.monotonic() - t, 1)
+    results["log_warnings_and_errors"] = {key: {"count": count, "first": tally.first[key]}
+                                          for key, count in sorted(tally.counts.items())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print_summary(results)

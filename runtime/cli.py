@@ -205,14 +205,29 @@ def _with_cloud_flags(config, broker, device_id, groups, state_dir, trusted_keys
     return config.model_copy(update={"cloud": cloud})
 
 
+def _start_tegrastats():
+    """Jetson GPU/EMC/power figures from `tegrastats`; None elsewhere or when it cannot run."""
+    from devices.platform import detect_platform
+    from devices.tegrastats import TegrastatsReader
+
+    if not detect_platform().is_jetson:
+        return None
+    try:
+        return TegrastatsReader().start()
+    except OSError as exc:
+        logging.warning("tegrastats not available (%s); no Jetson GPU figures", exc)
+        return None
+
+
 def _start_metrics(server, status, listen: str | None, always: bool = False):
     """Metrics fed by the pipelines (observe_frame) and the daemon status, and their
     Prometheus endpoint when `listen` is set; (None, None) when neither is wanted."""
     if not listen and not always:
         return None, None
+    from devices.host import HostProbe
     from runtime.metrics import Metrics, serve_prometheus
 
-    metrics = Metrics(status=status)
+    metrics = Metrics(status=status, host=HostProbe(), tegrastats=_start_tegrastats())
     for pipeline in server.pipelines.values():
         pipeline.metrics = metrics
     if not listen:

@@ -356,3 +356,31 @@ def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
     rolled = operator.wait_state(DEVICE, command.update_id, "rolled_back", timeout=30)
     assert "crash loop" in rolled["detail"]
     assert _version(daemon) == "1.0"
+
+
+def test_daemon_reports_telemetry_and_a_retained_status_with_its_model(
+        broker, device, observer_factory):
+    daemon = device()
+    topics = device_topics(DEVICE)
+    cloud = observer_factory(broker.port, [topics.telemetry, topics.status])
+    with Client(daemon.endpoint, max_in_flight=1) as client:
+        assert client.wait_connected(10)
+        for _ in range(40):
+            client.send(frame_64())
+            assert client.recv(timeout=10).ok
+            time.sleep(0.02)
+
+    def served(messages) -> bool:
+        return any(m.topic == topics.telemetry and json.loads(m.payload)["frames"]["results"]
+                   for m in messages)
+
+    messages = cloud.wait_for(served, timeout=15)
+    sample = next(json.loads(m.payload) for m in reversed(messages)
+                  if m.topic == topics.telemetry)
+    (model,) = sample["models"]
+    assert (model["name"], model["version"]) == (MODEL, "1.0")
+    assert model["latency_ms"]["total"]["p99"] > 0 and sample["frames"]["results"] >= 1
+    assert sample["host"]["cpu_percent"] is not None and sample["host"]["memory_total_mb"] > 0
+    status = json.loads(next(m for m in messages if m.topic == topics.status).payload)
+    assert status["state"] == "online" and status["groups"] == ["lab"]
+    assert status["models"][MODEL] == {"version": "1.0", "previous": None, "probation": False}
