@@ -203,7 +203,7 @@ def rollback(model, targets, to_version, key_path, timeout_s, **broker) -> None:
     from cloud_sync.operator import publish_bytes
     from cloud_sync.push import RolloutError, publish_command, resolve_targets, wait_for
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     key = _signing_key(key_path)
     with FleetWatcher(_operator_config(**broker)) as watcher:
         _collect(watcher, 2.0)

@@ -90,6 +90,12 @@ class FleetState:
         # Re-entrant, so wait_until's predicate may call progress(), rows() ...
         self._cond = threading.Condition(threading.RLock())
         self._devices: dict[str, _Device] = {}
+        self._progress_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def on_progress(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(device_id, document)` for every OTA progress message, in arrival
+        order (from paho's thread): `push` prints each step, not just the latest."""
+        self._progress_listeners.append(listener)
 
     def apply(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
         """Fold one message in; foreign topics and non-JSON payloads are ignored."""
@@ -135,6 +141,9 @@ class FleetState:
                 device.progress[update_id] = document
             device.last_seen = max(device.last_seen, seen)
             self._cond.notify_all()
+        if parsed.channel is Channel.OTA_PROGRESS:
+            for listener in self._progress_listeners:
+                listener(device_id, document)
 
     def rows(self) -> list[DeviceRow]:
         with self._cond:

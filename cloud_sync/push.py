@@ -233,21 +233,19 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
     def progress() -> dict[str, dict]:
         return state.all_progress(command.update_id)
 
-    def report(states: dict[str, dict]) -> None:
-        for device, doc in sorted(states.items()):
-            key = (doc.get("state"), doc.get("percent"))
-            if seen.get(device) != key:
-                seen[device] = key
-                percent = f" {doc['percent']}%" if doc.get("state") == "downloading" else ""
-                detail = f": {doc['detail']}" if doc.get("detail") else ""
-                on_event(f"{device:<20} {doc.get('state')}{percent}{detail}")
+    def report(device: str, doc: dict) -> None:
+        if doc.get("update_id") != command.update_id:
+            return
+        percent = f" {doc['percent']}%" if doc.get("state") == "downloading" else ""
+        detail = f": {doc['detail']}" if doc.get("detail") else ""
+        on_event(f"{device:<20} {doc.get('state')}{percent}{detail}")
 
-    seen: dict[str, tuple] = {}
+    state.on_progress(report)
     try:
         if canaries:
             on_event(f"stage 1: canaries {', '.join(canaries)}")
             publish_command(client, command, private_key, publish)
-            states = wait_for(progress, canaries, timeout_s, on_change=report)
+            states = wait_for(progress, canaries, timeout_s)
             failed = {d: s for d, s in states.items() if d in canaries
                       and s.get("state") in FAILED_STATES}
             if failed:
@@ -265,7 +263,7 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
                 return {d: progress().get(d, {}) for d in targets.members}
             on_event(f"stage 2: {len(rest)} device(s)")
         publish_command(client, command, private_key, publish)
-        states = wait_for(progress, rest, timeout_s, on_change=report)
+        states = wait_for(progress, rest, timeout_s)
         return {d: states.get(d, progress().get(d, {})) for d in targets.members}
     finally:
         if not keep_chunks:

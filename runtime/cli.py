@@ -420,6 +420,10 @@ def stream_command(endpoint, seconds, fps, server_key, client_key) -> None:
     frame that did not get a result. Exit status 1 if any frame failed."""
     from runtime.headset_stream import stream
 
+    def stop_on_term(*_: object) -> None:
+        raise KeyboardInterrupt  # the summary is printed for SIGTERM too
+
+    signal.signal(signal.SIGTERM, stop_on_term)
     try:
         summary = stream(endpoint, seconds=seconds, fps=fps, server_key=server_key,
                          client_key=client_key, on_event=click.echo)
