@@ -53,6 +53,25 @@ def write_sample(bundle: Bundle, inputs: dict[str, np.ndarray],
     np.savez(bundle.directory / file_name, **arrays)
 
 
+def _check_task_decoding(bundle: Bundle, inputs: dict, outputs: dict) -> None:
+    """The task's decoder must turn the outputs into results, or every frame would fail."""
+    from runtime.preprocess import FrameTransform
+    from runtime.tasks import make_decoder
+
+    tensor = inputs.get(bundle.manifest.input.name)
+    if tensor is None or tensor.ndim != 4:
+        return
+    layout = bundle.manifest.input.layout
+    height, width = tensor.shape[2:4] if layout == "NCHW" else tensor.shape[1:3]
+    width, height = int(width), int(height)
+    identity = FrameTransform(1.0, 1.0, 0.0, 0.0, width, height, width, height)
+    try:
+        make_decoder(bundle.manifest)(outputs, identity)
+    except Exception as exc:
+        raise UpdateRejected(f"the {bundle.manifest.task!r} task cannot decode the model's "
+                             f"outputs: {type(exc).__name__}: {exc}", step="validate") from None
+
+
 def _shape_fits(declared: tuple, actual: tuple[int, ...]) -> bool:
     """Same rank, and every fixed (int) declared dimension equal; named/None dims are free."""
     return len(declared) == len(actual) and all(
@@ -86,6 +105,7 @@ def validate_engine(bundle: Bundle, engine: Engine, *, latency_budget_ms: float 
     if missing:
         raise UpdateRejected(f"outputs {sorted(missing)} missing from the smoke inference",
                              step="validate")
+    _check_task_decoding(bundle, inputs, outputs)
     max_error = None
     if atol is not None and references:
         max_error = 0.0

@@ -40,3 +40,12 @@ def test_references_in_the_bundle_are_compared_within_tolerance(tmp_path):
     with pytest.raises(UpdateRejected, match="differs from its reference"):
         validate_engine(bundle, engine, atol=0.001)
     validate_engine(bundle, engine)  # no tolerance asked: references not compared
+
+
+def test_outputs_the_task_cannot_decode_are_refused(tmp_path):
+    """A 4-D feature map served as a YOLO-style detector would fail every frame."""
+    bundle = tiny_bundle(tmp_path, "1.0")
+    bundle.manifest = bundle.manifest.model_copy(update={"task": "detect",
+                                                         "labels": ("a", "b")})
+    with pytest.raises(UpdateRejected, match="'detect' task cannot decode"):
+        validate_engine(bundle, open_engine(bundle.onnx_path))
