@@ -62,12 +62,16 @@ class CloudSettings(BaseModel):
 class HttpDelivery:
     """The http(s) delivery method, as the updater calls it."""
 
+    def __init__(self, ca_file: Path | None = None) -> None:
+        self.ca_file = ca_file
+
     def fetch(self, command: UpdateCommand, dest: Path, progress: Callable[[int, int], None],
               stop: threading.Event) -> None:
         from cloud_sync.delivery.http import download_http
 
         assert isinstance(command.delivery, HttpDownload)
-        download_http(command.delivery.url, dest, size=command.size, progress=progress, stop=stop)
+        download_http(command.delivery.url, dest, size=command.size, progress=progress,
+                      stop=stop, ca_file=self.ca_file)
 
 
 class CloudAgent:
@@ -84,7 +88,8 @@ class CloudAgent:
                                          stall_timeout_s=settings.ota.stall_timeout_s)
         self.updater = Updater(store, host, trusted, device_id=link_config.device_id,
                                groups=link_config.groups, report=self._report,
-                               deliveries={"mqtt": self._chunks, "http": HttpDelivery()},
+                               deliveries={"mqtt": self._chunks,
+                                           "http": HttpDelivery(settings.ota.http_ca_file)},
                                settings=settings.ota)
         self.telemetry = TelemetryPublisher(
             snapshot, lambda payload: self.link.publish(Channel.TELEMETRY, payload),

@@ -44,6 +44,8 @@ class OtaSettings(BaseModel):
     keep_versions: int = Field(default=3, ge=1)
     max_bundle_bytes: int = Field(default=MAX_UNPACKED_BYTES, gt=0)
     stall_timeout_s: float = Field(default=60.0, gt=0)
+    # CA bundle for https:// deliveries from a private CA (default: the system's).
+    http_ca_file: Path | None = None
     validation_runs: int = Field(default=5, ge=1)
     # During probation: roll back when at least this many frames failed and they are at
     # least this share of the frames served.

@@ -93,3 +93,29 @@ def test_push_without_a_broker_names_the_address(short_tmp):
                   "--broker", "127.0.0.1:9")
     assert result.returncode == 2
     assert "127.0.0.1:9" in result.stderr
+
+
+def test_a_failing_canary_stops_the_rollout_before_the_rest_hears_of_it(
+        broker, daemon_factory, short_tmp):
+    from tests.cloud_sync.ota_harness import nan_model, tiny_bundle
+
+    keys = short_tmp / "signing"
+    assert _run("keys", "gen", "ops", "--dir", str(keys)).returncode == 0
+    seed = tiny_bundle(short_tmp / "seed", "1.0")
+    for device in ("edge-a", "edge-b"):
+        daemon_factory("--model", str(seed.directory), "--broker", f"127.0.0.1:{broker.port}",
+                       "--device-id", device, "--group", "lab",
+                       "--state-dir", str(short_tmp / device),
+                       "--trusted-key", str(keys / "ops.ed25519.pub"),
+                       endpoint=f"ipc://{short_tmp}/{device}.sock")
+    time.sleep(1.0)
+    nan = tiny_bundle(short_tmp / "nan", "2.0", onnx_bytes=nan_model().SerializeToString())
+    result = _run("push", str(nan.directory), "--to", "lab", "--canary", "edge-a",
+                  "--no-reference", "--key", str(keys / "ops.ed25519"),
+                  "--broker", f"127.0.0.1:{broker.port}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "canary failed, rollout stopped before the rest of the fleet" in result.stdout
+    assert "edge-a failed: prepared: output 'features' has" in result.stdout
+    assert "edge-b" not in result.stdout.split("stage 1")[1]
+    fleet = _run("fleet", "--once", "2", "--broker", f"127.0.0.1:{broker.port}")
+    assert fleet.stdout.count("tiny@1.0") == 2
