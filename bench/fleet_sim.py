@@ -45,6 +45,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from cloud_sync.agent import STATUS_STATES
 from cloud_sync.delivery.mqtt_chunks import MqttChunkDelivery
 from cloud_sync.fleet import FleetWatcher
 from cloud_sync.link import Downlink, LinkConfig, MqttLink
@@ -360,7 +361,7 @@ class SimDevice:
     def _report(self, document: dict[str, Any]) -> None:
         self.state_times.setdefault(document.get("state", "?"), time.monotonic())
         self.link.publish(Channel.OTA_PROGRESS, document)
-        if document.get("state") != "downloading":
+        if document.get("state") in STATUS_STATES:  # as CloudAgent._report does
             self.link.update_status(**self.updater.status_fields())
 
 
@@ -389,6 +390,30 @@ def build_bundles(work: Path, pad_kb: int) -> tuple[Bundle, Path]:
 
 # -- helpers ----------------------------------------------------------------------------
 
+# paho-mqtt waits on its sockets with select(), which cannot watch a descriptor numbered
+# FD_SETSIZE (1024) or above: a link whose socket lands there fails inside paho's loop and
+# never connects, without a log line. A real device runs one link per process; here
+# hundreds share one, each with 4 descriptors for its outbox (SQLite db, -wal, -shm, lock)
+# and 3 sockets (the connection and paho's wake-up pair). So the low numbers are held
+# while the outboxes open and released for the sockets.
+FD_SETSIZE = 1024
+SOCKETS_PER_LINK = 3
+FD_HEADROOM = 40  # the operator's and the counter's sockets, logging, imports
+
+
+def max_devices() -> int:
+    return (FD_SETSIZE - len(os.listdir("/proc/self/fd")) - FD_HEADROOM) // SOCKETS_PER_LINK
+
+
+def hold_low_descriptors(count: int) -> list[int]:
+    return [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+
+
+def release(descriptors: list[int]) -> None:
+    for fd in descriptors:
+        os.close(fd)
+
+
 def in_parallel(action: Callable[[Any], None], items: Iterable[Any], workers: int = 32) -> None:
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fleet-sim") as pool:
         for future in [pool.submit(action, item) for item in items]:
@@ -409,7 +434,7 @@ def cpu_share(cpu_s: float, wall_s: float) -> float:
     return round(100 * cpu_s / wall_s, 1) if wall_s > 0 else 0.0
 
 
-class Clock:
+class CpuMeter:
     """CPU of this process and the broker over a stretch of wall time."""
 
     def __init__(self, broker: Broker) -> None:
@@ -451,18 +476,26 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ota = OtaSettings(probation_s=args.probation, stall_timeout_s=60.0)
         canaries = [f"sim-{i:04d}" for i in range(1, args.canaries + 1)]
         t = time.monotonic()
-        for i in range(1, args.devices + 1):
-            device_id = f"sim-{i:04d}"
-            groups = ("fleet", "canary") if device_id in canaries else ("fleet",)
-            devices.append(SimDevice(device_id, groups, work / "devices" / device_id,
-                                     broker.port, seed, trusted, ota, args.telemetry_interval))
+        held = hold_low_descriptors(SOCKETS_PER_LINK * args.devices + FD_HEADROOM)
+        try:
+            for i in range(1, args.devices + 1):
+                device_id = f"sim-{i:04d}"
+                groups = ("fleet", "canary") if device_id in canaries else ("fleet",)
+                devices.append(SimDevice(device_id, groups, work / "devices" / device_id,
+                                         broker.port, seed, trusted, ota,
+                                         args.telemetry_interval))
+        finally:
+            release(held)
         created_s = time.monotonic() - t
         t = time.monotonic()
         for device in devices:
             device.start_link()
-        silent = [d.device_id for d in devices if not d.link.wait_connected(30)]
+        deadline = time.monotonic() + 60
+        silent = [d.device_id for d in devices
+                  if not d.link.wait_connected(max(0.0, deadline - time.monotonic()))]
         if silent:
-            raise SystemExit(f"{len(silent)} devices did not connect: {silent[:5]} ...")
+            raise SystemExit(f"{len(silent)} devices did not connect within 60 s: "
+                             f"{', '.join(silent[:5])} ...")
         connected_s = time.monotonic() - t
         for device in devices:
             device.telemetry.start()
@@ -471,8 +504,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                               "all_connected_s": round(connected_s, 3),
                               "threads": _threads(), "sim_rss_mb": round(_rss_mb(
                                   "/proc/self/status"), 1)}
-        log.warning("%d devices created in %.1f s, connected in %.1f s; %d threads",
-                    len(devices), created_s, connected_s, _threads())
+        print(f"{len(devices)} devices created in {created_s:.1f} s, connected in "
+              f"{connected_s:.1f} s; {_threads()} threads", flush=True)
 
         watcher = FleetWatcher(OperatorConfig(host="127.0.0.1", port=broker.port,
                                               client_id_prefix="fleet-sim"))
@@ -483,11 +516,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise SystemExit("the operator did not see every device online within 30 s")
 
         # Telemetry only: the fleet's steady load before the rollout.
-        clock = Clock(broker)
+        meter = CpuMeter(broker)
         before = counter.snapshot()
         time.sleep(args.warmup)
         after = counter.snapshot()
-        idle = clock.figures()
+        idle = meter.figures()
         idle["messages"] = _delta(after["counts"], before["counts"])
         idle["sys"] = _delta({k: after["sys"].get(k, 0) for k in SYS_TOTALS},
                              {k: before["sys"].get(k, 0) for k in SYS_TOTALS})
@@ -506,7 +539,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         targets = resolve_targets(watcher.state, ["group:fleet"])
         before = counter.snapshot()
-        clock = Clock(broker)
+        meter = CpuMeter(broker)
         start = time.monotonic()
         error = None
         try:
@@ -519,7 +552,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             final = {}
             log.error("rollout stopped: %s", exc)
         end = time.monotonic()
-        rollout_cpu = clock.figures()
+        rollout_cpu = meter.figures()
         time.sleep(1.5)  # one more $SYS period, and the last progress messages
         after = counter.snapshot()
         results["rollout"] = _rollout_figures(devices, canaries, events, start, end, final,
@@ -720,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.canaries >= args.devices:
         parser.error("--canaries must be fewer than --devices")
+    if args.devices > max_devices():
+        parser.error(f"one process holds at most {max_devices()} links (paho-mqtt uses "
+                     "select(), limited to descriptors below 1024)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
     tally = LogTally()

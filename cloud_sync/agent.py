@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cloud_sync.commands import HttpDownload, UpdateCommand
+from cloud_sync.commands import TERMINAL, HttpDownload, OtaState, UpdateCommand
 from cloud_sync.delivery.mqtt_chunks import MqttChunkDelivery
 from cloud_sync.link import Downlink, LinkConfig, MqttLink
 from cloud_sync.ota import OtaSettings, Updater
@@ -26,6 +26,7 @@ from runtime.errors import ConfigError
 from runtime.model_store import ModelStore, StoreEvent
 
 log = logging.getLogger(__name__)
+STATUS_STATES = {state.value for state in TERMINAL} | {OtaState.ACTIVE.value}
 
 
 class CloudSettings(BaseModel):
@@ -116,5 +117,7 @@ class CloudAgent:
 
     def _report(self, document: dict[str, Any]) -> None:
         self.link.publish(Channel.OTA_PROGRESS, document)
-        if document.get("state") != "downloading":
+        # The retained status changes when what serves changes or an update ends, not on
+        # every step (a cluster replicates each retained message).
+        if document.get("state") in STATUS_STATES:
             self.link.update_status(**self.updater.status_fields())

@@ -92,10 +92,13 @@ class FleetState:
         self._devices: dict[str, _Device] = {}
         self._progress_listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
-    def on_progress(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
-        """Call `listener(device_id, document)` for every OTA progress message, in arrival
-        order (from paho's thread): `push` prints each step, not just the latest."""
+    def on_progress(self, listener: Callable[[str, dict[str, Any]], None]
+                    ) -> Callable[[], None]:
+        """Call `listener(device_id, document)` for every new OTA progress message, in
+        arrival order (from paho's thread): `push` prints each step, not just the latest.
+        Returns the function that removes the listener again."""
         self._progress_listeners.append(listener)
+        return lambda: self._progress_listeners.remove(listener)
 
     def apply(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
         """Fold one message in; foreign topics and non-JSON payloads are ignored."""
@@ -128,6 +131,7 @@ class FleetState:
             log.debug("ignoring OTA progress without an update_id on %s", topic)
             return
         seen = _ts(document) or (received_at if received_at is not None else time.time())
+        stored = False
         with self._cond:
             device = self._devices.setdefault(device_id, _Device())
             if parsed.channel is Channel.STATUS:
@@ -139,10 +143,11 @@ class FleetState:
                     device.telemetry = document
             elif _not_older(document, device.progress.get(update_id)):
                 device.progress[update_id] = document
+                stored = True
             device.last_seen = max(device.last_seen, seen)
             self._cond.notify_all()
-        if parsed.channel is Channel.OTA_PROGRESS:
-            for listener in self._progress_listeners:
+        if stored:  # a replayed older step is not news
+            for listener in list(self._progress_listeners):
                 listener(device_id, document)
 
     def rows(self) -> list[DeviceRow]:

@@ -233,14 +233,18 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
     def progress() -> dict[str, dict]:
         return state.all_progress(command.update_id)
 
+    chatty = len(targets.members) <= 10  # download percentages only for small rollouts
+
     def report(device: str, doc: dict) -> None:
         if doc.get("update_id") != command.update_id:
+            return
+        if doc.get("state") == "downloading" and not chatty and doc.get("percent") != 0:
             return
         percent = f" {doc['percent']}%" if doc.get("state") == "downloading" else ""
         detail = f": {doc['detail']}" if doc.get("detail") else ""
         on_event(f"{device:<20} {doc.get('state')}{percent}{detail}")
 
-    state.on_progress(report)
+    remove_listener = state.on_progress(report)
     try:
         if canaries:
             on_event(f"stage 1: canaries {', '.join(canaries)}")
@@ -266,6 +270,7 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
         states = wait_for(progress, rest, timeout_s)
         return {d: states.get(d, progress().get(d, {})) for d in targets.members}
     finally:
+        remove_listener()
         if not keep_chunks:
             clear_chunks(client, command, publish)
 
