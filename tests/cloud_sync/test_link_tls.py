@@ -295,3 +295,27 @@ def test_broker_certificate_for_another_host_is_refused_unless_insecure(
                                  tls={"ca_file": pki.ca, "cert_file": cert, "key_file": key,
                                       "insecure": True}))
     assert insecure.wait_connected(5)
+
+
+def test_operator_fleet_command_over_tls_with_a_client_certificate(tls_broker, pki, work_dir):
+    """`sightline fleet` as the cloud user (certificate CN "cloud") sees a TLS device;
+    without a client certificate the broker refuses the operator, and the error says so."""
+    import subprocess
+    import sys
+
+    device = MqttLink(link_config(pki, tls_broker.port, work_dir, "dev-a", "dev-a"))
+    device.start()
+    try:
+        assert device.wait_connected(10)
+        cert, key = pki.client("cloud")
+        base = [sys.executable, "-m", "runtime.cli", "fleet", "--once", "1.5",
+                "--broker", f"127.0.0.1:{tls_broker.port}", "--tls-ca", str(pki.ca)]
+        seen = subprocess.run([*base, "--tls-cert", str(cert), "--tls-key", str(key)],
+                              capture_output=True, text=True, timeout=60)
+        assert seen.returncode == 0, seen.stderr
+        assert "dev-a" in seen.stdout and "online" in seen.stdout
+        refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert f"127.0.0.1:{tls_broker.port}" in refused.stderr
+    finally:
+        device.stop()
