@@ -41,10 +41,11 @@ def device(broker, daemon_factory, operator, short_tmp: Path):
     seed = tiny_bundle(short_tmp / "seed", "1.0")
     state = short_tmp / "state"
 
-    def start(env: dict | None = None, probation_s: float = 1.0):
+    def start(env: dict | None = None, probation_s: float = 1.0, ota: str = ""):
         config = short_tmp / "cloud.toml"
         config.write_text(f"[cloud]\ntelemetry_interval_s = 1\n"
-                          f"[cloud.ota]\nprobation_s = {probation_s}\nstall_timeout_s = 10\n")
+                          f"[cloud.ota]\nprobation_s = {probation_s}\nstall_timeout_s = 10\n"
+                          + ota)
         return daemon_factory("--config", str(config), "--model", str(seed.directory),
                               "--broker", f"127.0.0.1:{broker.port}", "--device-id", DEVICE,
                               "--group", "lab", "--state-dir", str(state),
@@ -296,6 +297,24 @@ def test_http_delivery_with_range_requests_updates_the_model(device, operator, s
     archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
     with serve_bytes({"/bundles/tiny-2.0.sightline": archive.read_bytes()}) as server:
         url = server.url("/bundles/tiny-2.0.sightline")
+        command = make_update(archive, url=url, devices=[DEVICE])
+        operator.send(command)
+        done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", timeout=40)
+    assert done["state"] == "confirmed", operator.progress(DEVICE)
+    assert _version(daemon) == "2.0"
+
+
+def test_https_delivery_from_a_private_ca_named_in_the_config(device, operator, short_tmp):
+    from tests.cloud_sync.http_server import make_tls_files, serve_bytes
+
+    (short_tmp / "cdn").mkdir()
+    tls = make_tls_files(short_tmp / "cdn")
+    daemon = device(ota=f'http_ca_file = "{tls.ca}"\n')
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    with serve_bytes({"/tiny.sightline": archive.read_bytes()},
+                     tls=tls.server_context()) as server:
+        url = server.url("/tiny.sightline")
+        assert url.startswith("https://")
         command = make_update(archive, url=url, devices=[DEVICE])
         operator.send(command)
         done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", timeout=40)
