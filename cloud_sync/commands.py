@@ -13,7 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cloud_sync.topics import TopicError, validate_device_id, validate_group, validate_update_id
+from cloud_sync.topics import (
+    field_check,
+    validate_device_id,
+    validate_group,
+    validate_update_id,
+)
 from runtime.errors import UpdateRejected
 
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -54,18 +59,12 @@ class _Targets(_Strict):
     @field_validator("devices")
     @classmethod
     def _devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        try:
-            return tuple(validate_device_id(v) for v in value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
+        return field_check(validate_device_id, value)
 
     @field_validator("groups")
     @classmethod
     def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        try:
-            return tuple(validate_group(v) for v in value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
+        return field_check(validate_group, value)
 
     def addresses(self, device_id: str, groups: tuple[str, ...]) -> bool:
         """Whether this command is meant for this device (signed, so not re-addressable)."""
@@ -88,10 +87,7 @@ class UpdateCommand(_Targets):
     @field_validator("update_id")
     @classmethod
     def _update_id(cls, value: str) -> str:
-        try:
-            return validate_update_id(value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
+        return field_check(validate_update_id, value)
 
 
 class RollbackCommand(_Targets):

@@ -36,6 +36,7 @@ from cloud_sync.topics import (
     TopicError,
     device_subscriptions,
     device_topics,
+    field_check,
     parse_topic,
     validate_device_id,
     validate_group,
@@ -117,20 +118,12 @@ class LinkConfig(BaseModel):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, value: str) -> str:
-        try:
-            return validate_device_id(value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
+        return field_check(validate_device_id, value)
 
     @field_validator("groups")
     @classmethod
     def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        try:
-            for group in value:
-                validate_group(group)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return field_check(validate_group, value)
 
     @model_validator(mode="after")
     def _backoff(self) -> LinkConfig:

@@ -50,6 +50,17 @@ def _check_id(value: str, what: str) -> str:
     return value
 
 
+def field_check(check, values):
+    """Run `check` on one id or each of a tuple, as a pydantic validator: TopicError
+    becomes the ValueError pydantic reports under the field's name."""
+    try:
+        if isinstance(values, tuple):
+            return tuple(check(v) for v in values)
+        return check(values)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def validate_device_id(device_id: str) -> str:
     """Return `device_id` if it can go into a topic, else raise TopicError."""
     return _check_id(device_id, "device id")

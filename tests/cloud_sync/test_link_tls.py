@@ -3,13 +3,10 @@ in with its own certificate, and the broker keeps it inside its own topic subtre
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -18,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_sync.link import LinkConfig, MqttLink
 from cloud_sync.topics import Channel, device_topics
+from tests.cloud_sync.pki import Pki, make_pki
 
 A, B = device_topics("dev-a"), device_topics("dev-b")
 
@@ -37,84 +35,9 @@ topic readwrite sightline/v1/#
 """
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    directory: Path
-
-    def client(self, name: str) -> tuple[Path, Path]:
-        return self.directory / f"{name}.pem", self.directory / f"{name}.key"
-
-
-def _make_pki(directory: Path) -> Pki:
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    except ImportError:
-        pytest.fail("the TLS tests make their certificates with the `cryptography` package: "
-                    "pip install cryptography", pytrace=False)
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{stem}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("Sightline test CA"))
-          .issuer_name(name("Sightline test CA")).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                       crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False,
-                                       decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    write("ca", ca, ca_key)
-
-    def issue(stem: str, common_name: str, usage, sans=None) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(common_name))
-                   .issuer_name(ca.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
-                                  critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                       ca_key.public_key()), critical=False))
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        write(stem, builder.sign(ca_key, hashes.SHA256()), key)
-
-    issue("server", "localhost", ExtendedKeyUsageOID.SERVER_AUTH,
-          [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    issue("server-elsewhere", "broker.example", ExtendedKeyUsageOID.SERVER_AUTH,
-          [x509.DNSName("broker.example")])
-    for client in ("dev-a", "dev-b", "cloud"):
-        issue(client, client, ExtendedKeyUsageOID.CLIENT_AUTH)
-    return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key",
-               directory)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return _make_pki(tmp_path_factory.mktemp("pki"))
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_listener(pki: Pki, directory: Path, server: str = "server") -> str:
