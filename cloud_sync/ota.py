@@ -8,7 +8,6 @@ after a restart `start()` reports where the interrupted update stopped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.commands import OtaState, RollbackCommand, UpdateCommand, parse_command
 from cloud_sync.signing import TrustedKeys
-from runtime.bundle import MAX_UNPACKED_BYTES, Bundle, unpack_archive
+from runtime.bundle import MAX_UNPACKED_BYTES, Bundle, sha256_file, unpack_archive
 from runtime.engines import Engine
 from runtime.errors import SightlineError, UpdateRejected
 from runtime.model_host import ModelHealth
@@ -257,13 +256,10 @@ class Updater:
         if size != command.size:
             raise UpdateRejected(f"downloaded {size} bytes; the signed command says "
                                  f"{command.size} (truncated?)", step="download")
-        digest = hashlib.sha256()
-        with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != command.sha256:
-            raise UpdateRejected(f"bundle sha256 {digest.hexdigest()} does not match the "
-                                 f"signed command's {command.sha256}", step="download")
+        digest = sha256_file(archive)
+        if digest != command.sha256:
+            raise UpdateRejected(f"bundle sha256 {digest} does not match the signed "
+                                 f"command's {command.sha256}", step="download")
 
     def _unpack(self, command: UpdateCommand, staging: Path) -> Bundle:
         directory = unpack_archive(staging / "bundle.sightline", unpack_root=staging / "unpacked")

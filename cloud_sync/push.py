@@ -28,7 +28,7 @@ from cloud_sync.commands import (
 from cloud_sync.delivery.mqtt_chunks import chunk_ranges
 from cloud_sync.signing import sign
 from cloud_sync.topics import chunk_topic, device_topics, group_command_topic
-from runtime.bundle import MANIFEST_NAME, Bundle, pack_archive
+from runtime.bundle import MANIFEST_NAME, Bundle, pack_archive, sha256_file
 from runtime.errors import SightlineError
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,6 @@ def package_bundle(source: Path, work_dir: Path, *, with_reference: bool = True)
     return pack_archive(bundle, work_dir / f"{bundle.name}-{bundle.version}.sightline")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def chunk_digests(archive: Path, chunk_size: int) -> list[str]:
     data = archive.read_bytes()
     return [hashlib.sha256(data[o:o + n]).hexdigest()
@@ -90,7 +82,7 @@ def make_update(archive: Path, *, url: str | None = None,
                                                                                   chunk_size))))
     return UpdateCommand(
         update_id=update_id or f"{bundle.name}-{bundle.version}-{secrets.token_hex(3)}"[:64],
-        model=bundle.name, version=bundle.version, sha256=file_sha256(archive),
+        model=bundle.name, version=bundle.version, sha256=sha256_file(archive),
         size=archive.stat().st_size, delivery=delivery, latency_budget_ms=latency_budget_ms,
         reference=tolerance, devices=tuple(devices), groups=tuple(groups))
 
