@@ -161,8 +161,10 @@ def test_broker_vanishing_with_messages_in_flight_loses_nothing(broker, link_fac
     assert link.wait_drained(10)
     received = seqs(messages)
     assert list(dict.fromkeys(received)) == list(range(120)), "complete and in order"
-    # QoS 1: only messages that were in flight when the broker went may arrive twice
-    assert len(received) - 120 <= 16
+    # QoS 1 on two legs: a message may arrive twice only if it was in flight device ->
+    # broker (at most the link's window, 16) or broker -> subscriber (at most mosquitto's
+    # max_inflight_messages, 20) when the broker went. Seen once: 18 duplicates.
+    assert len(received) - 120 <= 16 + 20
 
 
 def test_messages_left_by_a_previous_run_are_sent_on_start(
