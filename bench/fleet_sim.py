@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import getpass
 import json
 import logging
 import os
 import platform
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -62,6 +59,9 @@ from runtime.validation import sample_feeds
 
 log = logging.getLogger("fleet_sim")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests package (broker, tiny bundles) is not installed
+from tests.cloud_sync.mosquitto import Mosquitto, MosquittoError, free_port  # noqa: E402
+
 MODEL_FROM, MODEL_TO = "1.0", "2.0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Broker-wide counters worth a delta over the rollout (mosquitto 2.0 names).
@@ -76,57 +76,27 @@ SYS_GAUGES = ("$SYS/broker/clients/connected", "$SYS/broker/subscriptions/count"
 
 # -- the broker ----------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    if port == 1883:  # never the machine's own broker
-        return free_port()
-    return port
-
-
-class Broker:
-    """One mosquitto on 127.0.0.1:port with a config written here; `stop()` always."""
+class Broker(Mosquitto):
+    """The simulation's mosquitto, with CPU/RSS/version readings for the figures."""
 
     def __init__(self, directory: Path, port: int) -> None:
-        self.directory = directory
-        self.port = port
-        self.config_path = directory / "mosquitto.conf"
-        self.log_path = directory / "mosquitto.log"
-        self.process: subprocess.Popen | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-        # `user`: as root mosquitto would switch to user "mosquitto". "information" has the
-        # "running" line and one line per connect; per-packet logging (log_type all)
-        # would cost more CPU than the traffic. $SYS every second.
+        # "information" has the "running" line and one line per connect; per-packet
+        # logging (log_type all) would cost more CPU than the traffic. $SYS every second.
         # max_queued_messages: the counting subscriber must never have QoS 1 dropped.
-        self.config_path.write_text(
-            f"listener {port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            f"user {getpass.getuser()}\n"
-            "persistence false\n"
-            "sys_interval 1\n"
-            "max_connections -1\n"
-            "max_queued_messages 100000\n"
-            f"log_dest file {self.log_path}\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n")
+        super().__init__(directory, port,
+                         "allow_anonymous true\n"
+                         "persistence false\n"
+                         "sys_interval 1\n"
+                         "max_connections -1\n"
+                         "max_queued_messages 100000\n"
+                         "log_type error\nlog_type warning\nlog_type notice\n"
+                         "log_type information\n")
 
     def start(self, timeout: float = 10.0) -> Broker:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.access(binary, os.X_OK):
-            raise SystemExit("mosquitto is not installed (apt-get install mosquitto; the "
-                             "system service is not needed)")
-        self.process = subprocess.Popen([binary, "-c", str(self.config_path)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"mosquitto exited at start: "
-                                 f"{self.process.stderr.read().decode(errors='replace')}")
-            if self.log_path.exists() and b" running" in self.log_path.read_bytes():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise SystemExit(f"mosquitto did not start within {timeout} s; see {self.log_path}")
+        try:
+            return super().start(timeout)
+        except MosquittoError as exc:
+            raise SystemExit(str(exc)) from None
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the broker has used so far."""
@@ -142,17 +112,6 @@ class Broker:
             if "running" in line and "version" in line:
                 return line.split("version", 1)[1].split()[0]
         return "?"
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if self.process is not None and self.process.stderr:
-            self.process.stderr.close()
 
 
 class LogTally(logging.Handler):
@@ -370,7 +329,6 @@ class SimDevice:
 def build_bundles(work: Path, pad_kb: int) -> tuple[Bundle, Path]:
     """v1.0 (seeded on every device) and the v2.0 archive to push, from the test harness's
     tiny real ONNX bundle; `pad_kb` adds incompressible, unused weights to v2.0."""
-    sys.path.insert(0, str(REPO))  # the tests package is not installed
     from tests.cloud_sync.ota_harness import tiny_bundle
     from tests.onnx_models import conv_relu_model
 

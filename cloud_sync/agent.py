@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.commands import TERMINAL, HttpDownload, OtaState, UpdateCommand
+from cloud_sync.delivery.http import download_http
 from cloud_sync.delivery.mqtt_chunks import MqttChunkDelivery
 from cloud_sync.link import Downlink, LinkConfig, MqttLink
 from cloud_sync.ota import OtaSettings, Updater
@@ -26,7 +27,7 @@ from runtime.errors import ConfigError
 from runtime.model_store import ModelStore, StoreEvent
 
 log = logging.getLogger(__name__)
-STATUS_STATES = {state.value for state in TERMINAL} | {OtaState.ACTIVE.value}
+STATUS_STATES = TERMINAL | {OtaState.ACTIVE.value}
 
 
 class CloudSettings(BaseModel):
@@ -68,8 +69,6 @@ class HttpDelivery:
 
     def fetch(self, command: UpdateCommand, dest: Path, progress: Callable[[int, int], None],
               stop: threading.Event) -> None:
-        from cloud_sync.delivery.http import download_http
-
         assert isinstance(command.delivery, HttpDownload)
         download_http(command.delivery.url, dest, size=command.size, progress=progress,
                       stop=stop, ca_file=self.ca_file)

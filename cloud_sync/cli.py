@@ -126,25 +126,19 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
     Exit status 0 when every device confirmed the new version (or had it), 1 otherwise.
     """
     import shutil
+    import tempfile
 
     from rich.console import Console
 
-    from cloud_sync.commands import Tolerance
+    from cloud_sync.commands import SUCCEEDED, Tolerance
     from cloud_sync.fleet import FleetWatcher
     from cloud_sync.operator import publish_bytes
-    from cloud_sync.push import (
-        DONE_STATES,
-        RolloutError,
-        package_bundle,
-        resolve_targets,
-        rollout,
-        temp_work_dir,
-    )
+    from cloud_sync.push import RolloutError, package_bundle, resolve_targets, rollout
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     key = _signing_key(key_path)
     config = _operator_config(**broker)
-    work = temp_work_dir()
+    work = Path(tempfile.mkdtemp(prefix="sightline-push-"))
     try:
         from runtime.model_zoo import resolve_bundle
 
@@ -174,7 +168,7 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
                 sys.exit(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    bad = {d: r for d, r in results.items() if r.get("state") not in DONE_STATES}
+    bad = {d: r for d, r in results.items() if r.get("state") not in SUCCEEDED}
     ok = len(results) - len(bad)
     console.print(f"{ok} of {len(results)} device(s) serve the new version"
                   + (f"; [red]{len(bad)} did not[/]: " + ", ".join(

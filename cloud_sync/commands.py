@@ -132,12 +132,9 @@ class OtaState(str, Enum):
     INTERRUPTED = "interrupted"  # the daemon restarted mid-update; the update was dropped
     CURRENT = "current"  # this version is already active: nothing to do
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
 
-
-TERMINAL = frozenset({OtaState.CONFIRMED, OtaState.REJECTED, OtaState.FAILED,
-                      OtaState.ROLLED_BACK, OtaState.INTERRUPTED, OtaState.CURRENT})
-STEPS = (OtaState.ACCEPTED, OtaState.DOWNLOADING, OtaState.DOWNLOADED, OtaState.UNPACKED,
-         OtaState.PREPARED, OtaState.VALIDATED, OtaState.ACTIVE, OtaState.CONFIRMED)
+# Final states, as the strings on the wire: the update serves, or it never will.
+SUCCEEDED = frozenset({OtaState.CONFIRMED.value, OtaState.CURRENT.value})
+UNSUCCESSFUL = frozenset({OtaState.REJECTED.value, OtaState.FAILED.value,
+                          OtaState.ROLLED_BACK.value, OtaState.INTERRUPTED.value})
+TERMINAL = SUCCEEDED | UNSUCCESSFUL

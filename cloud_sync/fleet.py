@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from cloud_sync.commands import UNSUCCESSFUL
 from cloud_sync.operator import OperatorConfig, connect, disconnect
 from cloud_sync.topics import Channel, TopicError, fleet_filter, parse_topic
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 FLEET_FILTERS = tuple(fleet_filter(channel) for channel in
                       (Channel.STATUS, Channel.TELEMETRY, Channel.OTA_PROGRESS))
 # OTA states whose detail says what went wrong: shown in the table.
-_FAILED_STATES = frozenset({"failed", "rolled_back", "rejected", "interrupted"})
 _DETAIL_CHARS = 60
 
 
@@ -254,7 +254,7 @@ def _ota(status_ota: Any, progress: dict[str, dict[str, Any]]) -> str | None:
     if state == "downloading" and percent is not None:
         text += f" {percent:.0f}%"
     detail = newest.get("detail")
-    if state in _FAILED_STATES and isinstance(detail, str) and detail:
+    if state in UNSUCCESSFUL and isinstance(detail, str) and detail:
         if len(detail) > _DETAIL_CHARS:
             detail = detail[:_DETAIL_CHARS - 1] + "…"
         text += f": {detail}"
@@ -323,7 +323,7 @@ def render_fleet(rows: list[DeviceRow], now: float | None = None) -> Table:
         online_cell = (Text("online", style="green") if row.online
                        else Text("offline", style="red") if row.online is False
                        else Text("?", style="dim"))
-        ota_style = "red" if row.ota and any(f" {s}" in row.ota for s in _FAILED_STATES) else ""
+        ota_style = "red" if row.ota and any(f" {s}" in row.ota for s in UNSUCCESSFUL) else ""
         table.add_row(
             row.device_id, online_cell, ", ".join(row.groups) or "-",
             ", ".join(row.models) or "-",

@@ -100,7 +100,6 @@ class Updater:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="sightline-ota", daemon=True)
         self._probation: _Probation | None = None
-        self._lock = threading.Lock()
         self.last: dict[str, Any] | None = read_json(self._dir / "last.json")
 
     # -- lifecycle -------------------------------------------------------------------

@@ -11,16 +11,16 @@ import hashlib
 import logging
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cloud_sync.commands import (
+    TERMINAL,
+    UNSUCCESSFUL,
     HttpDownload,
     MqttChunks,
-    OtaState,
     RollbackCommand,
     Tolerance,
     UpdateCommand,
@@ -33,9 +33,6 @@ from runtime.errors import SightlineError
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 256 * 1024
-FAILED_STATES = {OtaState.FAILED.value, OtaState.REJECTED.value, OtaState.ROLLED_BACK.value,
-                 OtaState.INTERRUPTED.value}
-DONE_STATES = {OtaState.CONFIRMED.value, OtaState.CURRENT.value}
 
 
 class RolloutError(SightlineError):
@@ -122,47 +119,21 @@ def publish_command(client, command: UpdateCommand | RollbackCommand, private_ke
         publish(client, topic, envelope, retain=False)
 
 
-@dataclass
-class Rollout:
-    """Per-device outcome of one update, as the devices reported it."""
-
-    update_id: str
-    states: dict[str, dict] = field(default_factory=dict)
-
-    def finished(self, devices: Iterable[str]) -> bool:
-        return all(self.states.get(d, {}).get("state") in DONE_STATES | FAILED_STATES
-                   for d in devices)
-
-    def failed(self, devices: Iterable[str]) -> dict[str, dict]:
-        return {d: self.states[d] for d in devices
-                if self.states.get(d, {}).get("state") in FAILED_STATES}
-
-
 def wait_for(rollout_state: Callable[[], dict[str, dict]], devices: list[str], timeout_s: float,
-             *, on_change: Callable[[dict[str, dict]], None] | None = None,
-             poll_s: float = 0.2) -> dict[str, dict]:
+             *, poll_s: float = 0.2) -> dict[str, dict]:
     """Poll progress until every device is in a terminal state, or raise RolloutError."""
     deadline = time.monotonic() + timeout_s
-    last = None
     while True:
         states = rollout_state()
-        if on_change and states != last:
-            on_change(states)
-            last = dict(states)
-        if all(states.get(d, {}).get("state") in DONE_STATES | FAILED_STATES for d in devices):
+        pending = [d for d in devices if states.get(d, {}).get("state") not in TERMINAL]
+        if not pending:
             return states
         if time.monotonic() > deadline:
             silent = [d for d in devices if d not in states]
-            pending = [d for d in devices
-                       if states.get(d, {}).get("state") not in DONE_STATES | FAILED_STATES]
             raise RolloutError(
                 f"timed out after {timeout_s:g} s; no final state from {', '.join(pending)}"
                 + (f" (never heard from {', '.join(silent)}: offline?)" if silent else ""))
         time.sleep(poll_s)
-
-
-def temp_work_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="sightline-push-"))
 
 
 @dataclass(frozen=True)
@@ -210,7 +181,7 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
     """Publish the bundle and the signed command, canaries first; returns each device's
     final progress document. Raises RolloutError when a canary fails (the rest is then
     never told) or devices stay silent past `timeout_s`."""
-    canaries = [d for d in canaries if d in targets.members] or []
+    canaries = [d for d in canaries if d in targets.members]
     rest = [d for d in targets.members if d not in canaries]
     command = make_update(archive, url=url, chunk_size=chunk_size,
                           latency_budget_ms=latency_budget_ms, tolerance=tolerance,
@@ -243,7 +214,7 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
             publish_command(client, command, private_key, publish)
             states = wait_for(progress, canaries, timeout_s)
             failed = {d: s for d, s in states.items() if d in canaries
-                      and s.get("state") in FAILED_STATES}
+                      and s.get("state") in UNSUCCESSFUL}
             if failed:
                 raise RolloutError("canary failed, rollout stopped before the rest of the fleet: "
                                    + "; ".join(f"{d} {s.get('state')}: {s.get('detail', '')}"
@@ -251,16 +222,15 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
             if soak_s > 0:
                 on_event(f"canaries confirmed; soaking {soak_s:g} s before the rest")
                 _soak(state, command, canaries, soak_s)
-            if not rest:
-                return {d: progress().get(d, {}) for d in targets.members}
-            command = command.model_copy(update={"devices": tuple(
-                d for d in targets.devices if d not in canaries), "groups": targets.groups})
-            if not command.devices and not command.groups:
-                return {d: progress().get(d, {}) for d in targets.members}
-            on_event(f"stage 2: {len(rest)} device(s)")
-        publish_command(client, command, private_key, publish)
-        states = wait_for(progress, rest, timeout_s)
-        return {d: states.get(d, progress().get(d, {})) for d in targets.members}
+        if rest:
+            if canaries:  # the rest: every group, and the devices named but not canaries
+                command = command.model_copy(update={"devices": tuple(
+                    d for d in targets.devices if d not in canaries), "groups": targets.groups})
+                on_event(f"stage 2: {len(rest)} device(s)")
+            publish_command(client, command, private_key, publish)
+            wait_for(progress, rest, timeout_s)
+        final = progress()
+        return {d: final.get(d, {}) for d in targets.members}
     finally:
         remove_listener()
         if not keep_chunks:
@@ -278,7 +248,7 @@ def _soak(state, command: UpdateCommand, canaries: list[str], soak_s: float) -> 
             if status.get("state") == "offline":
                 raise RolloutError(f"canary {device} went offline during the soak; rollout "
                                    "stopped before the rest of the fleet")
-            if latest.get("state") in FAILED_STATES:
+            if latest.get("state") in UNSUCCESSFUL:
                 raise RolloutError(f"canary {device} {latest.get('state')} during the soak: "
                                    f"{latest.get('detail', '')}; rollout stopped")
         time.sleep(0.2)

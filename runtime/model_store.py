@@ -118,10 +118,12 @@ class ModelStore:
         if state is None:
             target = self.version_dir(bundle.name, bundle.version)
             if not self.has_version(bundle.name, bundle.version):
-                staging = self.root / ".staging" / f"seed-{bundle.name}-{os.getpid()}"
+                scratch = f"seed-{bundle.name}-{os.getpid()}"
+                staging = self.staging_dir(scratch) / "bundle"
                 shutil.rmtree(staging, ignore_errors=True)
                 shutil.copytree(bundle.directory, staging)
                 self.install(staging, bundle.name, bundle.version)
+                self.clear_staging(scratch)
             self._write(bundle.name, ModelState(active=bundle.version))
             log.info("model store: %s@%s installed from %s", bundle.name, bundle.version,
                      bundle.directory)

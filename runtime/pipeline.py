@@ -134,6 +134,8 @@ class ModelPipeline:
     def _close_retired(self, current: LoadedModel | None) -> None:
         """Close swapped-out models once a frame of `current` shows none is still in use
         (frames are prepared and inferred in order); None closes them all (shutdown)."""
+        if not self._retired:  # every frame passes here: no lock unless a swap happened
+            return
         with self._swap_lock:
             if not self._retired or (current is not None and current is not self._model):
                 return

@@ -16,7 +16,8 @@ import numpy as np
 from runtime.bundle import Bundle
 from runtime.engines import Engine
 from runtime.errors import UpdateRejected
-from runtime.preprocess import Preprocessor
+from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.tasks import make_decoder
 
 INPUT_PREFIX, OUTPUT_PREFIX = "input:", "output:"
 
@@ -55,9 +56,6 @@ def write_sample(bundle: Bundle, inputs: dict[str, np.ndarray],
 
 def _check_task_decoding(bundle: Bundle, inputs: dict, outputs: dict) -> None:
     """The task's decoder must turn the outputs into results, or every frame would fail."""
-    from runtime.preprocess import FrameTransform
-    from runtime.tasks import make_decoder
-
     tensor = inputs.get(bundle.manifest.input.name)
     if tensor is None or tensor.ndim != 4:
         return

@@ -7,8 +7,6 @@ loopback port with a config file written by the fixture.
 
 from __future__ import annotations
 
-import getpass
-import os
 import shutil
 import signal
 import socket
@@ -26,87 +24,33 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-INSTALL_HINT = ("mosquitto is not installed: the cloud_sync tests start real brokers. "
-                "Install the Debian/Ubuntu package `mosquitto` (apt-get install mosquitto; "
-                "it is started per test on a free port, the system service is not needed)")
+from tests.cloud_sync.mosquitto import Mosquitto, MosquittoError, free_port, mosquitto_path
 
 
 def mosquitto_binary() -> str:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(INSTALL_HINT, pytrace=False)
+    try:
+        return mosquitto_path()
+    except MosquittoError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    assert port != 1883
-    return port
-
-
-class Broker:
-    """One mosquitto process on 127.0.0.1:port; stop()/start() keep port and data."""
+class Broker(Mosquitto):
+    """The tests' broker: persistence on, so queued messages survive a restart; every
+    packet logged; `extra` replaces anonymous access (TLS listeners, ACLs)."""
 
     def __init__(self, directory: Path, port: int, extra: str = "") -> None:
-        self.directory = directory
-        self.port = port
-        self.config_path = directory / "mosquitto.conf"
-        self.log_path = directory / "mosquitto.log"
-        self.process: subprocess.Popen | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-        # `user`: run as root, mosquitto would switch to user "mosquitto", which cannot
-        # write this directory. Persistence on, so queued messages survive a restart.
-        self.config_path.write_text(
-            f"listener {port} 127.0.0.1\n"
-            f"user {getpass.getuser()}\n"
-            "persistence true\n"
-            f"persistence_location {directory}/\n"
-            f"log_dest file {self.log_path}\n"
-            "log_type all\n"
-            "max_queued_messages 10000\n"
-            + (extra or "allow_anonymous true\n"))
+        super().__init__(directory, port,
+                         "persistence true\n"
+                         f"persistence_location {directory}/\n"
+                         "log_type all\n"
+                         "max_queued_messages 10000\n"
+                         + (extra or "allow_anonymous true\n"))
 
     def start(self, timeout: float = 10.0) -> Broker:
-        assert self.process is None or self.process.poll() is not None
-        mark = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config_path)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode(errors="replace")
-                pytest.fail(f"mosquitto exited at start ({self.process.returncode}): {stderr}"
-                            f"\n{self.log_tail()}", pytrace=False)
-            if self.log_path.exists():
-                with open(self.log_path, "rb") as log:
-                    log.seek(mark)
-                    if b" running" in log.read():
-                        return self
-            time.sleep(0.02)
-        self.stop()
-        pytest.fail(f"mosquitto did not start within {timeout} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM: a clean broker shutdown (closes connections, saves persistence)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if self.process is not None and self.process.stderr:
-            self.process.stderr.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return "(no mosquitto log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        try:
+            return super().start(timeout)
+        except MosquittoError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture
@@ -268,3 +212,87 @@ def child_factory() -> Iterator[Callable[..., Child]]:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGCONT)
         child.kill()
+
+
+class FakeV311Broker:
+    """Just enough of an MQTT 3.1.1-only broker for the protocol-fallback edge: it answers
+    an MQTT 5 CONNECT with 3.1.1's "unacceptable protocol version" (return code 1), a
+    3.1.1 CONNECT with "accepted", QoS 1 PUBLISH with PUBACK and PINGREQ with PINGRESP."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.levels: list[int] = []
+        self.published: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fake-broker", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _read_packet(conn: socket.socket) -> tuple[int, bytes]:
+        def read(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    raise ConnectionError
+                data += chunk
+            return data
+
+        header = read(1)[0]
+        length, shift = 0, 0
+        while True:
+            byte = read(1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return header, read(length)
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    header, body = self._read_packet(conn)
+                except TimeoutError:
+                    continue
+                except (ConnectionError, OSError):
+                    return
+                kind = header >> 4
+                if kind == 1:  # CONNECT: protocol name (2 + 4 bytes), then the level
+                    level = body[6]
+                    self.levels.append(level)
+                    if level != 4:
+                        conn.sendall(b"\x20\x02\x00\x01")
+                        return
+                    conn.sendall(b"\x20\x02\x00\x00")
+                elif kind == 3:  # PUBLISH
+                    topic_len = int.from_bytes(body[:2], "big")
+                    self.published.append(body[2:2 + topic_len].decode())
+                    if (header >> 1) & 3:
+                        packet_id = body[2 + topic_len:4 + topic_len]
+                        conn.sendall(b"\x40\x02" + packet_id)
+                elif kind == 12:  # PINGREQ
+                    conn.sendall(b"\xd0\x00")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.server.close()
+
+
+@pytest.fixture
+def fake_v311_broker() -> Iterator[FakeV311Broker]:
+    fake = FakeV311Broker()
+    yield fake
+    fake.close()

@@ -3,10 +3,8 @@ plain paho clients publishing what a Sightline device publishes."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -255,73 +253,11 @@ def test_publish_json_raises_when_the_acl_refuses_the_message(broker_factory, wo
         disconnect(client)
 
 
-class V311OnlyBroker:
-    """A broker that answers an MQTT 5 CONNECT as a 3.1.1-only broker does (return code
-    1, "unacceptable protocol version"), accepts 3.1.1 and acknowledges QoS 1 PUBLISH:
-    mosquitto cannot be told to refuse MQTT 5."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.levels: list[int] = []
-        self._thread = threading.Thread(target=self._serve, name="v311-broker", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return  # closed
-            with conn:
-                self._session(conn)
-
-    def _session(self, conn: socket.socket) -> None:
-        reader = conn.makefile("rb")
-        while True:
-            header = reader.read(1)
-            if not header:
-                return
-            length, shift = 0, 0
-            while True:
-                byte = reader.read(1)[0]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
-            body = reader.read(length)
-            kind = header[0] >> 4
-            if kind == 1:  # CONNECT: protocol name (2 + 4 bytes), then the level
-                self.levels.append(body[6])
-                conn.sendall(b"\x20\x02\x00\x00" if body[6] == 4 else b"\x20\x02\x00\x01")
-                if body[6] != 4:
-                    return
-            elif kind == 3:  # PUBLISH, QoS 1: PUBACK with its packet id
-                topic_len = int.from_bytes(body[:2], "big")
-                conn.sendall(b"\x40\x02" + body[2 + topic_len:4 + topic_len])
-            elif kind == 14:  # DISCONNECT
-                return
-
-    def close(self) -> None:
-        # shutdown() wakes the blocked accept(); close() alone does not on Linux.
-        with contextlib.suppress(OSError):
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        self._thread.join(5)
-
-
-@pytest.fixture
-def v311_broker() -> Iterator[V311OnlyBroker]:
-    fake = V311OnlyBroker()
-    yield fake
-    fake.close()
-
-
-def test_connect_falls_back_to_311_when_the_broker_refuses_v5(v311_broker):
-    client = connect(OperatorConfig(port=v311_broker.port), "test-op", timeout_s=5)
+def test_connect_falls_back_to_311_when_the_broker_refuses_v5(fake_v311_broker):
+    client = connect(OperatorConfig(port=fake_v311_broker.port), "test-op", timeout_s=5)
     try:
         assert client.protocol == MQTTProtocolVersion.MQTTv311
-        assert v311_broker.levels == [5, 4]
+        assert fake_v311_broker.levels == [5, 4]
         publish_json(client, A.ota_command, {"update_id": "u-7"}, timeout_s=5)
     finally:
         disconnect(client)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -285,90 +284,6 @@ def test_link_threads_are_named_and_gone_after_stop(broker, link_factory):
     assert not {t for t in threading.enumerate() if t.name in names}
 
 
-class FakeV311Broker:
-    """Just enough of an MQTT 3.1.1-only broker for the protocol-fallback edge: it answers
-    an MQTT 5 CONNECT with 3.1.1's "unacceptable protocol version" (return code 1), a
-    3.1.1 CONNECT with "accepted", QoS 1 PUBLISH with PUBACK and PINGREQ with PINGRESP."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.levels: list[int] = []
-        self.published: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="fake-broker", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.server.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _read_packet(conn: socket.socket) -> tuple[int, bytes]:
-        def read(n: int) -> bytes:
-            data = b""
-            while len(data) < n:
-                chunk = conn.recv(n - len(data))
-                if not chunk:
-                    raise ConnectionError
-                data += chunk
-            return data
-
-        header = read(1)[0]
-        length, shift = 0, 0
-        while True:
-            byte = read(1)[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        return header, read(length)
-
-    def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    header, body = self._read_packet(conn)
-                except TimeoutError:
-                    continue
-                except (ConnectionError, OSError):
-                    return
-                kind = header >> 4
-                if kind == 1:  # CONNECT: protocol name (2 + 4 bytes), then the level
-                    level = body[6]
-                    self.levels.append(level)
-                    if level != 4:
-                        conn.sendall(b"\x20\x02\x00\x01")
-                        return
-                    conn.sendall(b"\x20\x02\x00\x00")
-                elif kind == 3:  # PUBLISH
-                    topic_len = int.from_bytes(body[:2], "big")
-                    self.published.append(body[2:2 + topic_len].decode())
-                    if (header >> 1) & 3:
-                        packet_id = body[2 + topic_len:4 + topic_len]
-                        conn.sendall(b"\x40\x02" + packet_id)
-                elif kind == 12:  # PINGREQ
-                    conn.sendall(b"\xd0\x00")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.server.close()
-
-
-@pytest.fixture
-def fake_v311_broker() -> Iterator[FakeV311Broker]:
-    fake = FakeV311Broker()
-    yield fake
-    fake.close()
-
-
 def test_auto_protocol_falls_back_to_311_when_broker_refuses_v5(fake_v311_broker,
                                                                 link_factory):
     link = link_factory(fake_v311_broker.port)
@@ -413,9 +328,9 @@ def test_config_errors_name_the_key(work_dir):
 
 
 def test_missing_mosquitto_fails_the_tests_with_what_to_install(monkeypatch):
-    from tests.cloud_sync import conftest
+    from tests.cloud_sync import conftest, mosquitto
 
-    monkeypatch.setattr(conftest.shutil, "which", lambda name: None)
-    monkeypatch.setattr(conftest.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(mosquitto.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mosquitto.os, "access", lambda path, mode: False)
     with pytest.raises(pytest.fail.Exception, match="Debian/Ubuntu package `mosquitto`"):
         conftest.mosquitto_binary()
