@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from runtime.client import Client, query_info
-from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
 from runtime.protocol import decode_reply, encode_request
 
 

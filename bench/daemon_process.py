@@ -20,8 +20,8 @@ import numpy as np
 
 from runtime.client import query_info
 from runtime.config import ServerSettings, load_config
-from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
-from runtime.security import throwaway_keys
+from runtime.curve_keys import throwaway_keys
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

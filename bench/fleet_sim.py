@@ -52,10 +52,10 @@ from cloud_sync.push import RolloutError, package_bundle, resolve_targets, rollo
 from cloud_sync.signing import TrustedKeys, generate_signing_key, load_private_key
 from cloud_sync.telemetry import TelemetryPublisher
 from cloud_sync.topics import Channel, TopicError, parse_topic
-from runtime.bundle import Bundle
-from runtime.model_host import ModelHealth
-from runtime.model_store import ModelStore
-from runtime.validation import sample_feeds
+from runtime.daemon.model_host import ModelHealth
+from runtime.models.bundle import Bundle
+from runtime.models.store import ModelStore
+from runtime.models.validation import sample_feeds
 
 log = logging.getLogger("fleet_sim")
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ class SimEngine:
 
 
 class SimHost:
-    """The runtime.model_host seam without a daemon: what serves, swaps that only record
+    """The runtime.daemon.model_host seam without a daemon: what serves, swaps that only record
     the new version, and health from a steady simulated frame rate (never failing)."""
 
     def __init__(self, bundle: Bundle, fps: float) -> None:

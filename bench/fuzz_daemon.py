@@ -49,7 +49,7 @@ from daemon_process import DaemonProcess, ProcSample, astronaut_frame, server_se
 
 from runtime.client import Client, apply_curve, curve_options
 from runtime.config import ServerSettings
-from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
 from runtime.protocol import MAX_HEADER_BYTES
 
 # Category -> relative weight in the mix. The size-limit categories are rare because each

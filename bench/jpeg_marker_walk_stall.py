@@ -1,6 +1,6 @@
 """Reproduction: a `jpeg` frame of SOI + 0xFF fill bytes stalled the model pipeline.
 
-runtime/decode.py `jpeg_size` walked JPEG markers in pure Python, one byte per loop turn
+runtime/daemon/decode.py `jpeg_size` walked JPEG markers in pure Python, one byte per loop turn
 over fill bytes (0xFF 0xFF ...), RST markers or 2-byte APPn segments, before any size
 check. A payload of up to max_frame_bytes (32 MiB) of such bytes cost the model's
 prepare thread seconds of CPU, during which no other client's frame was decoded: their

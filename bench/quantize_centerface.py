@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from exporters.quantize import REPORT_NAME
-from runtime.demo import astronaut_sequence
+from runtime.tools.demo_frames import astronaut_sequence
 
 
 def main() -> None:

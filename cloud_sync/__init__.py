@@ -1,6 +1,6 @@
-"""MQTT link to the cloud: telemetry up, signed OTA model updates down.
+"""MQTT link to the cloud: telemetry and status up, signed OTA model updates down, and the
+operator's side (push, rollback, fleet).
 
-Built so far: the topic tree (topics.py), a persistent store-and-forward outbox (outbox.py),
-the MQTT link with TLS, Last Will and reconnects (link.py) and the telemetry publisher
-(telemetry.py). OTA updates and the fleet CLI are not built yet.
+May import runtime (the model store, validation, and the daemon's narrow ModelHost seam)
+and devices; runtime never imports this package at import time (the CLI composes it).
 """

@@ -2,7 +2,7 @@
 
 `sightline serve` starts a CloudAgent when the config has a [cloud] table. The agent
 owns the link, the telemetry thread and the OTA updater; it reaches the daemon only
-through runtime.model_host (swap, health) and the model store.
+through runtime.daemon.model_host (swap, health) and the model store.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from cloud_sync.signing import TrustedKeys
 from cloud_sync.telemetry import TelemetryPublisher
 from cloud_sync.topics import Channel
 from runtime.errors import ConfigError
-from runtime.model_store import ModelStore, StoreEvent
+from runtime.models.store import ModelStore, StoreEvent
 
 log = logging.getLogger(__name__)
 STATUS_STATES = TERMINAL | {OtaState.ACTIVE.value}

@@ -1,5 +1,5 @@
 """Operator commands: `sightline push`, `sightline rollback`, `sightline fleet`, and
-`sightline keys gen` for the OTA signing key. Registered on the main CLI by runtime/cli.py;
+`sightline keys gen` for the OTA signing key. Registered on the main CLI by runtime/cli/;
 heavy imports stay inside the commands so `sightline --help` stays fast."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
     config = _operator_config(**broker)
     work = Path(tempfile.mkdtemp(prefix="sightline-push-"))
     try:
-        from runtime.model_zoo import resolve_bundle
+        from exporters.zoo import resolve_bundle
 
         with console.status("packaging the bundle (sample input + reference outputs)"):
             source = resolve_bundle(bundle, show_progress=False).directory

@@ -22,12 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.commands import OtaState, RollbackCommand, UpdateCommand, parse_command
 from cloud_sync.signing import TrustedKeys
-from runtime.bundle import MAX_UNPACKED_BYTES, Bundle, sha256_file, unpack_archive
+from runtime.daemon.model_host import ModelHealth
 from runtime.engines import Engine
 from runtime.errors import SightlineError, UpdateRejected
-from runtime.model_host import ModelHealth
-from runtime.model_store import ModelStore, StoreEvent, read_json, write_json_atomic
-from runtime.validation import validate_engine
+from runtime.models.bundle import MAX_UNPACKED_BYTES, Bundle, sha256_file, unpack_archive
+from runtime.models.store import ModelStore, StoreEvent, read_json, write_json_atomic
+from runtime.models.validation import validate_engine
 
 log = logging.getLogger(__name__)
 FAILPOINT_ENV = "SIGHTLINE_FAILPOINT"

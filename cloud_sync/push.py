@@ -28,8 +28,8 @@ from cloud_sync.commands import (
 from cloud_sync.delivery.mqtt_chunks import chunk_ranges
 from cloud_sync.signing import sign
 from cloud_sync.topics import chunk_topic, device_topics, group_command_topic
-from runtime.bundle import MANIFEST_NAME, Bundle, pack_archive, sha256_file
 from runtime.errors import SightlineError
+from runtime.models.bundle import MANIFEST_NAME, Bundle, pack_archive, sha256_file
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -43,7 +43,7 @@ def package_bundle(source: Path, work_dir: Path, *, with_reference: bool = True)
     """The bundle as one archive, with a sample input and reference outputs (computed here
     with ONNX Runtime on the CPU) so that devices can validate it before serving it."""
     from runtime.engines import EngineSettings, open_engine
-    from runtime.validation import sample_feeds, write_sample
+    from runtime.models.validation import sample_feeds, write_sample
 
     bundle = Bundle.load(source, unpack_root=work_dir / "unpacked")
     copy = work_dir / "bundle"

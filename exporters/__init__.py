@@ -1,4 +1,6 @@
-"""Offline path from a trained model to a verified ONNX bundle (and, later, engines).
+"""Offline path from a trained model to a verified ONNX bundle, its precision variants and
+TensorRT engines; and the built-in default model (zoo.py).
 
-May import torch or tensorrt, but only inside the functions that need them.
+May import runtime (bundles, engines, the engine cache) and devices, never cloud_sync;
+torch and tensorrt only inside the functions that need them.
 """

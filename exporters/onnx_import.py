@@ -17,7 +17,8 @@ import onnx
 from onnx import shape_inference
 from pydantic import ValidationError
 
-from runtime.bundle import (
+from runtime.errors import BundleError
+from runtime.models.bundle import (
     Bundle,
     InputSpec,
     Manifest,
@@ -28,7 +29,6 @@ from runtime.bundle import (
     Thresholds,
     write_bundle,
 )
-from runtime.errors import BundleError
 
 # Per-task defaults a user would otherwise have to look up for the common model families.
 TASK_DEFAULTS: dict[str, dict] = {

@@ -32,9 +32,9 @@ import onnx
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from runtime.bundle import MANIFEST_NAME, Bundle, Manifest, read_manifest, write_bundle
 from runtime.errors import BundleError, EngineError, SightlineError
-from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.models.bundle import MANIFEST_NAME, Bundle, Manifest, read_manifest, write_bundle
+from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.results import Detection
 
 Precision = Literal["fp16", "int8"]

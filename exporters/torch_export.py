@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 
 from exporters.onnx_import import TASK_DEFAULTS, ImportOptions, prepare_import
-from runtime.bundle import Bundle, InputSpec, Preprocess, SizePolicy, write_bundle
 from runtime.errors import BundleError, SightlineError
+from runtime.models.bundle import Bundle, InputSpec, Preprocess, SizePolicy, write_bundle
 
 if TYPE_CHECKING:
     import torch
@@ -512,8 +512,8 @@ def verification_probes(spec: InputSpec, pre: Preprocess, input_size: tuple[int,
     images through the bundle's own preprocessing, as the daemon would feed them."""
     import cv2
 
-    from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
-    from runtime.preprocess import Preprocessor
+    from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
+    from runtime.models.preprocess import Preprocessor
 
     channels = 1 if pre.color == "gray" else 3
     width, height = input_size

@@ -68,7 +68,7 @@ class SecuritySettings(BaseModel):
     handshake_timeout_s: float = Field(default=5.0, gt=0)
 
     def resolved_keys_dir(self) -> Path:
-        from runtime.security import keys_dir
+        from runtime.curve_keys import keys_dir
 
         return Path(self.keys_dir) if self.keys_dir else keys_dir()
 

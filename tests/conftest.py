@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.bundle import Bundle
+from exporters.zoo import default_bundle
 from runtime.client import query_info
-from runtime.model_zoo import ASTRONAUT_PNG, default_bundle, fetch_asset
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
+from runtime.models.bundle import Bundle
 
 SIGHTLINE = [sys.executable, "-m", "runtime.cli"]
 
@@ -67,7 +68,7 @@ class CurveKeys:
 
 @pytest.fixture
 def curve_keys(short_tmp: Path) -> CurveKeys:
-    from runtime.security import DAEMON_KEY_NAME, HEADSETS_DIR, create_keypair, enroll
+    from runtime.curve_keys import DAEMON_KEY_NAME, HEADSETS_DIR, create_keypair, enroll
 
     keys = short_tmp / "keys"
     daemon_public, _ = create_keypair(keys, DAEMON_KEY_NAME)

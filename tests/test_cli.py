@@ -20,8 +20,8 @@ def run(*args: str, cwd: Path | None = None, timeout: float = 180) -> subprocess
 
 
 def test_import_runtime_and_help_work_without_gpu_or_torch_packages():
-    code = ("import sys, runtime, runtime.cli, runtime.server, runtime.client, exporters, devices, "
-            "cloud_sync\n"
+    code = ("import sys, runtime, runtime.cli, runtime.daemon.server, runtime.client, exporters, "
+            "devices, cloud_sync\n"
             "heavy = {'tensorrt', 'torch', 'pycuda', 'cuda', 'open3d'} & set(sys.modules)\n"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

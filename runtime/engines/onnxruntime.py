@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from devices.platform import detect_platform
-from runtime.engines import EngineSettings, TensorSpec
+from runtime.engines.seam import EngineSettings, TensorSpec
 from runtime.errors import EngineError
 
 PREFERRED_PROVIDERS = (

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from runtime.engine_cache import EngineRecord
-from runtime.engines import TensorSpec
+from runtime.engines.seam import TensorSpec
 from runtime.errors import EngineError
+from runtime.models.engine_cache import EngineRecord
 
 INSTALL_HINT = "pip install 'sightline[tensorrt]' (on Jetson, TensorRT comes with JetPack)"
 

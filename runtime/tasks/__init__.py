@@ -1,4 +1,5 @@
-"""Task decoders: model outputs -> overlay primitives in source-frame pixels.
+"""Task decoders: model outputs -> overlay primitives in source-frame pixels (may import
+runtime.models and the shared vocabulary).
 
 One module per task; add a task by adding a module and a line to TASKS.
 """
@@ -10,8 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime.bundle import Manifest
-from runtime.preprocess import FrameTransform
+from runtime.models.bundle import Manifest
+from runtime.models.preprocess import FrameTransform
 from runtime.results import TaskResult
 
 

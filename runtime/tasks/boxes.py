@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from runtime.preprocess import FrameTransform
+from runtime.models.preprocess import FrameTransform
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray | None,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.bundle import Manifest
 from runtime.errors import EngineError
-from runtime.preprocess import FrameTransform
+from runtime.models.bundle import Manifest
+from runtime.models.preprocess import FrameTransform
 from runtime.results import Detection, TaskResult
 from runtime.tasks.boxes import boxes_to_source, nms
 

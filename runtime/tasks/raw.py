@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.bundle import Manifest
-from runtime.preprocess import FrameTransform
+from runtime.models.bundle import Manifest
+from runtime.models.preprocess import FrameTransform
 from runtime.results import TaskResult
 
 

@@ -16,7 +16,7 @@ from cloud_sync.commands import UpdateCommand
 from cloud_sync.push import make_update, package_bundle, publish_chunks, publish_command
 from cloud_sync.signing import generate_signing_key, load_private_key
 from cloud_sync.topics import device_topics
-from runtime.bundle import Bundle, Manifest, write_bundle
+from runtime.models.bundle import Bundle, Manifest, write_bundle
 from tests.onnx_models import conv_relu_model
 
 MODEL = "tiny"

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from runtime.bundle import Bundle, write_bundle
+from runtime.models.bundle import Bundle, write_bundle
 from tests.conftest import SIGHTLINE
 
 

@@ -19,10 +19,10 @@ from cloud_sync.ota import FAILPOINT_ENV
 from cloud_sync.push import chunk_digests, make_update
 from cloud_sync.signing import generate_signing_key, load_private_key, sign
 from cloud_sync.topics import Channel, chunk_topic, device_topics, fleet_filter
-from runtime.bundle import Bundle, pack_archive
 from runtime.client import Client
 from runtime.engines import open_engine
-from runtime.validation import sample_feeds, write_sample
+from runtime.models.bundle import Bundle, pack_archive
+from runtime.models.validation import sample_feeds, write_sample
 from tests.cloud_sync.ota_harness import MODEL, Operator, frame_64, nan_model, tiny_bundle
 
 DEVICE = "edge-01"

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cloud_sync.telemetry import SCHEMA, SCHEMA_VERSION, TelemetryPublisher
-from runtime.metrics import Metrics
+from runtime.daemon.metrics import Metrics
 
 STATUS = {
     "version": "0.1.0", "uptime_s": 30.0, "clients": 1,

@@ -17,9 +17,9 @@ from cloud_sync.commands import RollbackCommand
 from cloud_sync.ota import OtaSettings, Updater
 from cloud_sync.push import make_update, package_bundle
 from cloud_sync.signing import TrustedKeys, generate_signing_key, load_private_key, sign
+from runtime.daemon.model_host import ModelHealth
 from runtime.engines import open_engine
-from runtime.model_host import ModelHealth
-from runtime.model_store import ModelStore
+from runtime.models.store import ModelStore
 from tests.cloud_sync.ota_harness import MODEL, tiny_bundle
 
 

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 
 from exporters.onnx_import import ImportOptions, ImportResult, import_onnx
-from runtime.bundle import Bundle, Preprocess, SizePolicy, Thresholds
 from runtime.errors import BundleError
-from runtime.model_zoo import CENTERFACE_ONNX, fetch_asset
+from runtime.models.assets import CENTERFACE_ONNX, fetch_asset
+from runtime.models.bundle import Bundle, Preprocess, SizePolicy, Thresholds
 from tests.onnx_models import (
     CONV_OUT_CHANNELS,
     affine_argmax_model,

@@ -21,10 +21,10 @@ from exporters.quantize import (
     match_detections,
     quantize_bundle,
 )
-from runtime.bundle import Bundle, preferred_variant
 from runtime.engines import EngineSettings, open_engine
 from runtime.errors import BundleError
-from runtime.preprocess import Preprocessor
+from runtime.models.bundle import Bundle, preferred_variant
+from runtime.models.preprocess import Preprocessor
 from runtime.results import Detection
 from runtime.tasks import make_decoder
 from tests.conftest import SIGHTLINE

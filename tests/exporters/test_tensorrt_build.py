@@ -8,9 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from runtime.engine_cache import EngineCache
 from runtime.engines import EngineSettings, open_bundle_engine, open_engine
-from runtime.preprocess import Preprocessor
+from runtime.models.engine_cache import EngineCache
+from runtime.models.preprocess import Preprocessor
 from tests.conftest import SIGHTLINE
 
 

@@ -16,10 +16,10 @@ import torch
 
 from exporters.onnx_import import ImportOptions
 from exporters.torch_export import ExportOptions, ExportResult, VerificationError, export_torch
-from runtime.bundle import Bundle
 from runtime.client import Client
 from runtime.errors import BundleError
-from runtime.preprocess import Preprocessor
+from runtime.models.bundle import Bundle
+from runtime.models.preprocess import Preprocessor
 from runtime.tasks.detect import DetectionDecoder
 from tests.conftest import SIGHTLINE
 from tests.exporters.torch_models import (

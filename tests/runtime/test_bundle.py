@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from runtime import bundle as bundle_module
-from runtime.bundle import (
+from runtime.errors import BundleError
+from runtime.models import bundle as bundle_module
+from runtime.models.bundle import (
     MANIFEST_NAME,
     Bundle,
     InputSpec,
@@ -25,7 +26,6 @@ from runtime.bundle import (
     read_manifest,
     write_bundle,
 )
-from runtime.errors import BundleError
 from tests.onnx_models import conv_relu_model
 
 ONNX_BYTES = conv_relu_model().SerializeToString()

@@ -16,8 +16,8 @@ import msgpack
 import pytest
 import zmq
 
-from runtime import control
-from runtime.control import (
+from runtime.daemon import control
+from runtime.daemon.control import (
     ControlError,
     ControlServer,
     default_control_endpoint,
@@ -25,7 +25,7 @@ from runtime.control import (
     query_status,
     request,
 )
-from runtime.status import DaemonStatus, format_duration
+from runtime.daemon.status import DaemonStatus, format_duration
 from tests.conftest import SIGHTLINE
 
 STATUS = {

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.decode import decode_pixels, jpeg_size
+from runtime.daemon.decode import decode_pixels, jpeg_size
 from runtime.errors import ProtocolError
 from runtime.protocol import ENCODINGS, ErrorCode, FrameHeader
 
@@ -195,7 +195,7 @@ def test_random_payloads_never_raise_anything_but_protocol_error(encoding, width
 def test_jpeg_of_fill_bytes_is_rejected_without_walking_the_whole_payload():
     import time
 
-    from runtime.decode import jpeg_size
+    from runtime.daemon.decode import jpeg_size
 
     hostile = b"\xff\xd8" + b"\xff" * (8 * 1024 * 1024)  # 8 MiB of marker fill bytes
     start = time.perf_counter()

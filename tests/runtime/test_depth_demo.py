@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.demo import astronaut_views, load_astronaut, rgbd_recording
-from runtime.depth_scene import FACE_PHOTO_PX, PosterScene, astronaut_rgbd, face_world
 from runtime.errors import SightlineError
+from runtime.tools.demo_frames import astronaut_views, load_astronaut, rgbd_recording
+from runtime.tools.depth_scene import FACE_PHOTO_PX, PosterScene, astronaut_rgbd, face_world
 from tests.conftest import SIGHTLINE
 
 SCENE = PosterScene()

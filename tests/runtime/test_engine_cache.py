@@ -8,16 +8,16 @@ from dataclasses import replace
 
 import pytest
 
-from runtime.bundle import InputSpec, Preprocess, SizePolicy
-from runtime.engine_cache import (
+from runtime.engines import EngineSettings, open_bundle_engine
+from runtime.errors import EngineError, EngineMismatch
+from runtime.models.bundle import InputSpec, Preprocess, SizePolicy
+from runtime.models.engine_cache import (
     EngineCache,
     EngineKey,
     TargetDevice,
     check_engine_file,
     derive_profile,
 )
-from runtime.engines import EngineSettings, open_bundle_engine
-from runtime.errors import EngineError, EngineMismatch
 
 ORIN = TargetDevice("Orin", "sm_87", "10.3.0")
 

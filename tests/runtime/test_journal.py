@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.journal import (
+from runtime.daemon.journal import (
     JournalHandler,
     configure_logging,
     field_name,

@@ -15,18 +15,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devices.host import GpuFigures, HostFigures
 from devices.tegrastats import parse_tegrastats
-from runtime import metrics as metrics_module
 from runtime.client import Client
-from runtime.control import query_status
-from runtime.latency import SERVER_STAGES
-from runtime.metrics import LATENCY_BUCKETS_S, STAGES, Metrics, serve_prometheus
+from runtime.daemon import metrics as metrics_module
+from runtime.daemon.control import query_status
+from runtime.daemon.metrics import LATENCY_BUCKETS_S, STAGES, Metrics, serve_prometheus
+from runtime.tools.latency import SERVER_STAGES
 
 TEGRASTATS = Path(__file__).parents[1] / "devices" / "fixtures" / "tegrastats"
 
 
 def stamps(decode=0.002, preprocess=0.001, inference=0.020, postprocess=0.0005, send=0.0003,
            start=1_700_000_000.0) -> dict[str, float]:
-    """Reply stamps (as runtime/pipeline.py and protocol.encode_result write them)."""
+    """Reply stamps (as runtime/daemon/pipeline.py and protocol.encode_result write them)."""
     decoded = start + decode
     preprocessed = decoded + preprocess
     inferred = preprocessed + inference

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from runtime.errors import SightlineError
-from runtime.model_store import ModelStore
+from runtime.models.store import ModelStore
 from tests.cloud_sync.ota_harness import tiny_bundle
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.bundle import InputSpec, Preprocess, SizePolicy
-from runtime.preprocess import FrameTransform, Preprocessor, input_size
+from runtime.models.bundle import InputSpec, Preprocess, SizePolicy
+from runtime.models.preprocess import FrameTransform, Preprocessor, input_size
 
 IDENTITY = dict(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 IMAGENET = dict(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

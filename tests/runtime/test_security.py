@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from runtime.client import Client, query_info
-from runtime.security import DAEMON_KEY_NAME, create_keypair
+from runtime.curve_keys import DAEMON_KEY_NAME, create_keypair
 from tests.conftest import SIGHTLINE
 
 

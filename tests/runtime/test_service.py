@@ -15,11 +15,12 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from runtime import cli, service_install
+from runtime import cli
 from runtime.config import load_config
+from runtime.daemon.service import Watchdog, notify, notify_ready, notify_status, notify_stopping
 from runtime.errors import SightlineError
-from runtime.service import Watchdog, notify, notify_ready, notify_status, notify_stopping
-from runtime.service_install import (
+from runtime.tools import service_install
+from runtime.tools.service_install import (
     RunCommand,
     WriteFile,
     apply_plan,

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle import InputSpec, Manifest, OnnxFile, Preprocess, SizePolicy, Thresholds
 from runtime.engines import EngineSettings, open_engine
 from runtime.errors import EngineError
-from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.models.bundle import InputSpec, Manifest, OnnxFile, Preprocess, SizePolicy, Thresholds
+from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.results import Detection, TaskResult
 from runtime.tasks import make_decoder
 from runtime.tasks.detect import DetectionDecoder

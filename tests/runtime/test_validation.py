@@ -6,7 +6,7 @@ import pytest
 
 from runtime.engines import open_engine
 from runtime.errors import UpdateRejected
-from runtime.validation import sample_feeds, validate_engine, write_sample
+from runtime.models.validation import sample_feeds, validate_engine, write_sample
 from tests.cloud_sync.ota_harness import nan_model, tiny_bundle
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.bundle import MANIFEST_NAME, Bundle
 from runtime.errors import BundleError, SightlineError
+from runtime.models.bundle import MANIFEST_NAME, Bundle
 
 log = logging.getLogger(__name__)
 STATE_NAME = "state.json"

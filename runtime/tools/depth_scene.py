@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from runtime.demo import FRAME_SIZE, DemoFrame, View, astronaut_views, load_astronaut
 from runtime.spatial.camera import Intrinsics, Pose
+from runtime.tools.demo_frames import FRAME_SIZE, DemoFrame, View, astronaut_views, load_astronaut
 
 # The centre of the astronaut's face in the 512x512 photo: the mean of the five landmarks
 # CenterFace 1.5 finds in the unwarped photo.

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.bundle import Bundle
 from runtime.engines import Engine
 from runtime.errors import UpdateRejected
-from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.models.bundle import Bundle
+from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.tasks import make_decoder
 
 INPUT_PREFIX, OUTPUT_PREFIX = "input:", "output:"

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from runtime.bundle import Bundle
 from runtime.config import ServeConfig
-from runtime.engines import open_bundle_engine
+from runtime.curve_keys import DAEMON_KEY_NAME, HEADSETS_DIR, make_curve_server
+from runtime.daemon.pipeline import FrameJob, ModelPipeline
+from runtime.daemon.security import HeadsetAuthenticator
+from runtime.daemon.service import Watchdog
+from runtime.engines import EngineBuilder, open_bundle_engine
 from runtime.errors import ConfigError, ProtocolError
-from runtime.pipeline import FrameJob, ModelPipeline
+from runtime.models.bundle import Bundle
 from runtime.protocol import (
     MAX_HEADER_BYTES,
     ErrorCode,
@@ -32,13 +35,6 @@ from runtime.protocol import (
     parse_header,
     peek_seq,
 )
-from runtime.security import (
-    DAEMON_KEY_NAME,
-    HEADSETS_DIR,
-    HeadsetAuthenticator,
-    make_curve_server,
-)
-from runtime.service import Watchdog
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()
@@ -82,10 +78,13 @@ class ServerCounters:
 
 class Server:
     def __init__(self, config: ServeConfig, bundles: list[Bundle],
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 engine_builder: EngineBuilder | None = None) -> None:
+        """`engine_builder`: how to build a missing TensorRT engine (None: never build)."""
         if not bundles:
             raise ValueError("a server needs at least one bundle")
         self.config = config
+        self.engine_builder = engine_builder
         self.counters = ServerCounters()
         self._context = context or zmq.Context.instance()
         self._reply_endpoint = f"inproc://sightline-replies-{next(_instance)}"
@@ -96,7 +95,7 @@ class Server:
             if bundle.name in self._pipelines:
                 raise ConfigError(f"two models are named {bundle.name!r}; a daemon serves each "
                                   "name once (re-import one with another --name)")
-            engine = open_bundle_engine(bundle, config.engine)
+            engine = open_bundle_engine(bundle, config.engine, engine_builder)
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s)
         self.default_model = bundles[0].name

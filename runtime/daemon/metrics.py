@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # (stage, from stamp, to stamp) on the daemon's clock; the stamps are the ones the pipeline
-# puts in every result reply (runtime/pipeline.py, "sent" by protocol.encode_result).
+# puts in every result reply (runtime/daemon/pipeline.py, "sent" by protocol.encode_result).
 STAGES = (
     ("decode", "received", "decoded"),
     ("preprocess", "decoded", "preprocessed"),
@@ -76,7 +76,7 @@ class _ModelFigures:
 class Metrics:
     """Latency, fps and the daemon's counters, for Prometheus and telemetry.
 
-    `status` is the daemon's status callable (runtime/status.py `DaemonStatus`), read on
+    `status` is the daemon's status callable (runtime/daemon/status.py `DaemonStatus`), read on
     each scrape for counters, clients and models; `host` (devices.host.HostProbe) and
     `tegrastats` (devices.tegrastats.TegrastatsReader) add machine figures where given.
     Host figures are sampled at most every `host_interval_s`, however often they are asked.

@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.bundle import Manifest
 from runtime.errors import EngineMismatch
-from runtime.preprocess import input_size
+from runtime.models.bundle import Manifest
+from runtime.models.preprocess import input_size
 
 ENGINE_FILE = "engine.plan"
 METADATA_FILE = "engine.json"

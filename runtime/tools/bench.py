@@ -22,22 +22,22 @@ from rich.table import Table
 
 from runtime.client import Client, Reply, query_info
 from runtime.config import load_config
+from runtime.curve_keys import throwaway_keys
 from runtime.engines import open_bundle_engine
 from runtime.errors import SightlineError
-from runtime.latency import latency_table, percentiles, stage_durations_ms
-from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset, resolve_bundle
-from runtime.preprocess import Preprocessor
-from runtime.security import throwaway_keys
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
+from runtime.models.bundle import Bundle
+from runtime.models.preprocess import Preprocessor
+from runtime.tools.latency import latency_table, percentiles, stage_durations_ms
 
 ROUNDS = 3  # throughput rounds, each: bare, then each link with 1 and 2 clients
 
 
-def run_bench(*, model: str, samples: int, seconds: float, config_path: Path | None = None,
+def run_bench(*, bundle: Bundle, samples: int, seconds: float, config_path: Path | None = None,
               console: Console | None = None) -> dict:
     """`config_path`: the daemon's TOML config; its [engine] settings apply to all paths."""
     console = console or Console()
     config = load_config(config_path)
-    bundle = resolve_bundle(model)
     frame = cv2.resize(cv2.imread(str(fetch_asset(ASTRONAUT_PNG))), (640, 480))
     tensor, _ = Preprocessor(bundle.manifest.input, bundle.manifest.preprocess)(frame, "bgr")
     engine = open_bundle_engine(bundle, config.engine)

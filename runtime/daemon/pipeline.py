@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from runtime.bundle import Bundle
-from runtime.decode import decode_depth, decode_pixels
+from runtime.daemon.decode import decode_depth, decode_pixels
+from runtime.daemon.latest import LatestSlots
 from runtime.engines import Engine
 from runtime.errors import ProtocolError, SightlineError
-from runtime.latest import LatestSlots
-from runtime.preprocess import FrameTransform, Preprocessor
+from runtime.models.bundle import Bundle
+from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.protocol import ErrorCode, FrameHeader, encode_dropped, encode_error, encode_result
 from runtime.tasks import make_decoder
 
@@ -97,7 +97,7 @@ class ModelPipeline:
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
         self._slots: LatestSlots[FrameJob] = LatestSlots()
-        self.metrics = None  # runtime.metrics.Metrics when the daemon exports metrics
+        self.metrics = None  # runtime.daemon.metrics.Metrics when the daemon exports metrics
         self._spatial = None  # SpatialStage, made at start-up
         self._spatial_lock = threading.Lock()
         # Capacity 1 hand-over: at most one frame prepared ahead of the one in the engine.
@@ -295,7 +295,7 @@ class ModelPipeline:
     def _spatial_stage(self):
         with self._spatial_lock:  # the start-up preload thread and the infer thread
             if self._spatial is None:
-                from runtime.spatial_stage import SpatialStage
+                from runtime.daemon.spatial_stage import SpatialStage
 
                 self._spatial = SpatialStage()
             return self._spatial

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from runtime.bundle import InputSpec, Preprocess
+from runtime.models.bundle import InputSpec, Preprocess
 
 # Source pixel orders the decoder can hand over.
 SourceColor = str  # "bgr" | "rgb" | "gray"

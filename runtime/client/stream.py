@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import cv2
 
-from runtime.client import Client
-from runtime.model_zoo import ASTRONAUT_PNG, fetch_asset
+from runtime.client.sdk import Client
+from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
 
 
 @dataclass

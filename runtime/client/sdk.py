@@ -24,9 +24,9 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from runtime.curve_keys import load_public_key, make_curve_client
 from runtime.protocol import decode_reply, detections_from_reply, encode_request
 from runtime.results import Detection, tensor_from_wire
-from runtime.security import load_public_key, make_curve_client
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()

@@ -216,7 +216,7 @@ def pack_archive(bundle: Bundle, archive: Path) -> Path:
 
 def unpack_archive(archive: Path, unpack_root: Path | None = None) -> Path:
     """Unpack an archive into a directory named by its sha256, refusing unsafe members."""
-    from runtime.model_zoo import cache_dir
+    from runtime.models.assets import cache_dir
 
     root = unpack_root or cache_dir() / "bundles"
     target = root / sha256_file(archive)

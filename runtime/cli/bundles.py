@@ -1,0 +1,206 @@
+"""Bundle commands: `import` (ONNX file), `export` (PyTorch), `info`, `fetch`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from runtime.cli.console import err_console
+from runtime.cli.options import (
+    bundle_flags,
+    bundle_output_flags,
+    dynamic_size_flags,
+    parse_floats,
+    parse_size,
+)
+
+
+@click.command("import")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@bundle_output_flags("the file's stem")
+@click.option("--fixed-size", metavar="WxH",
+              help="Keep a fixed input size (e.g. 640x640) instead of dynamic spatial dims.")
+@dynamic_size_flags
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@bundle_flags
+def import_model(model, task, name, version, out, archive, fixed_size, multiple_of, max_size,
+                 layout, color, scale, mean, std, resize, labels, score, iou, outputs) -> None:
+    """Make a verified bundle from a third-party ONNX file, repairing common defects."""
+    from exporters.onnx_import import import_onnx
+    from runtime.models.bundle import SizePolicy
+
+    name = name or model.stem
+    if fixed_size:
+        width, height = parse_size(fixed_size, "--fixed-size")
+        size = SizePolicy(mode="fixed", width=width, height=height)
+    else:
+        max_w, max_h = parse_size(max_size, "--max-size")
+        size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
+                          max_height=max_h)
+    options = _bundle_options(task, name, version, not fixed_size, size, color, scale, mean, std,
+                              resize, labels, score, iou, outputs, layout=layout)
+    with err_console.status(f"importing {model.name}: repairing, checking, test-running ..."):
+        result = import_onnx(model, options, out or Path(name))
+    for repair in result.repairs:
+        click.echo(f"  repaired: {repair}")
+    bundle = result.bundle
+    click.echo(f"bundle {bundle.name}@{bundle.version} ({task}) written to {bundle.directory}")
+    if archive:
+        _write_archive(bundle)
+
+
+def _bundle_options(task, name, version, dynamic, size, color, scale, mean, std, resize,
+                    labels, score, iou, outputs, layout="NCHW"):
+    """ImportOptions from the bundle flags `import` and `export` share."""
+    from exporters.onnx_import import TASK_DEFAULTS, ImportOptions
+
+    defaults = TASK_DEFAULTS[task]
+    pre_updates = {k: v for k, v in dict(
+        color=color, scale=scale, resize=resize,
+        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std")).items() if v is not None}
+    if color == "gray":
+        pre_updates.setdefault("mean", (0.0,))
+        pre_updates.setdefault("std", (1.0,))
+    th_updates = {k: v for k, v in dict(score=score, iou=iou).items() if v is not None}
+    try:
+        role_map = dict(o.split("=", 1) for o in outputs)
+    except ValueError:
+        raise click.BadParameter("use ROLE=NAME", param_hint="--output") from None
+    label_list = None
+    if labels:
+        label_list = [line.strip() for line in labels.read_text().splitlines() if line.strip()]
+    return ImportOptions(
+        task=task, name=name, version=version, dynamic=dynamic, size=size, layout=layout,
+        preprocess=_validated(defaults["preprocess"], pre_updates),
+        thresholds=_validated(defaults["thresholds"], th_updates),
+        labels=label_list, outputs=role_map)
+
+
+def _validated(model, updates):
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate({**model.model_dump(), **updates})
+    except ValidationError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.command()
+@click.argument("bundle")
+def info(bundle: str) -> None:
+    """Verify a bundle (directory, archive or 'centerface') and print its manifest."""
+    from exporters.zoo import resolve_bundle
+
+    loaded = resolve_bundle(bundle)
+    click.echo(f"# {loaded.directory} (sha256 verified)")
+    click.echo(loaded.manifest.model_dump_json(indent=2))
+
+
+@click.command()
+def fetch() -> None:
+    """Download (once) and verify the default CenterFace model; print its bundle path."""
+    from exporters.zoo import default_bundle
+
+    click.echo(default_bundle().directory)
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="State dict (torch.save(model.state_dict())) for a factory-built model.")
+@bundle_output_flags("the factory's name or the file's stem")
+@click.option("--input-size", default="640x640", show_default=True, metavar="WxH",
+              help="Input size to trace and verify at (3 channels, NCHW).")
+@click.option("--static", is_flag=True,
+              help="Freeze the spatial dims at --input-size (the batch dim stays free).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--simplify", is_flag=True,
+              help="Simplify the graph (onnxsim, else ONNX Runtime's basic optimisation); "
+                   "the result is verified too.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Verification: absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True,
+              help="Verification: relative tolerance (|onnx - torch| <= atol + rtol*|torch|).")
+@click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory of images to verify with (first 8; default: the astronaut photo).")
+@dynamic_size_flags
+@bundle_flags
+def export_model(model, weights, task, name, version, out, archive, input_size, static, opset,
+                 simplify, atol, rtol, samples, multiple_of, max_size, color, scale, mean, std,
+                 resize, labels, score, iou, outputs) -> None:
+    """Export a PyTorch model to a verified bundle.
+
+    \b
+    MODEL is package.module:factory, path/to/file.py:factory (a callable returning a
+    torch.nn.Module, or the module itself), or a TorchScript file (.pt, .ts).
+    Needs the export extra: pip install 'sightline[export]'.
+    """
+    import time
+
+    from exporters.torch_export import (
+        ExportOptions,
+        VerificationError,
+        default_name,
+        export_torch,
+        verification_table,
+    )
+    from runtime.models.bundle import SizePolicy
+
+    name = name or default_name(model)
+    width, height = parse_size(input_size, "--input-size")
+    size = None
+    if not static:
+        max_w, max_h = parse_size(max_size, "--max-size")
+        size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
+                          max_height=max_h)
+    options = ExportOptions(
+        model=model,
+        weights=weights,
+        input_size=(width, height),
+        dynamic=not static,
+        opset=opset,
+        simplify=simplify,
+        atol=atol,
+        rtol=rtol,
+        samples=samples,
+        bundle=_bundle_options(task, name, version, not static, size, color, scale, mean, std,
+                               resize, labels, score, iou, outputs),
+    )
+    running: list[tuple[str, float]] = []  # the step under way and when it started
+
+    with err_console.status(f"exporting {model} ...") as status:
+        def on_step(step: str) -> None:
+            if running:
+                previous, started = running.pop()
+                err_console.print(f"  [green]ok[/] {previous} "
+                                  f"({time.perf_counter() - started:.1f} s)", highlight=False)
+            if step:
+                running.append((step, time.perf_counter()))
+                status.update(f"{step} ...")
+
+        try:
+            result = export_torch(options, out or Path(name), on_step=on_step)
+        except VerificationError as exc:
+            err_console.print(verification_table(exc.verification))
+            raise
+    # Without --simplify the bundled graph is the exported one plus metadata: one table.
+    for verification in result.verifications[0 if simplify else -1:]:
+        err_console.print(verification_table(verification))
+    for repair in result.repairs:
+        click.echo(f"  repaired: {repair}")
+    bundle = result.bundle
+    total = sum(seconds for _, seconds in result.timings)
+    click.echo(f"bundle {bundle.name}@{bundle.version} ({task}) written to {bundle.directory} "
+               f"in {total:.1f} s ({result.exporter}"
+               f"{', ' + result.simplifier if result.simplifier else ''})")
+    if archive:
+        _write_archive(bundle)
+
+
+def _write_archive(bundle) -> None:
+    from runtime.models.bundle import pack_archive
+
+    name = f"{bundle.name}-{bundle.version}.sightline"
+    path = pack_archive(bundle, bundle.directory.parent / name)
+    click.echo(f"archive written to {path}")

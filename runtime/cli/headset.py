@@ -1,0 +1,62 @@
+"""Headset-side commands: `sightline ping` and `sightline stream` (a stand-in headset)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from runtime.errors import SightlineError
+
+
+@click.command()
+@click.argument("endpoint", default="tcp://127.0.0.1:5555")
+@click.option("--timeout", type=float, default=2.0, show_default=True)
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False),
+              help="The daemon's public key file (daemon.key), for a CURVE daemon.")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False),
+              help="An enrolled headset's .key_secret file, for a CURVE daemon.")
+def ping(endpoint: str, timeout: float, server_key, client_key) -> None:
+    """Ask a running daemon which models it serves."""
+    from runtime.client import query_info
+
+    try:
+        reply = query_info(endpoint, timeout, server_key=server_key, client_key=client_key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if reply is None:
+        raise SightlineError(f"no daemon answered at {endpoint} within {timeout} s")
+    for model in reply["models"]:
+        default = " (default)" if model.get("default") else ""
+        click.echo(f"{model['name']}@{model['version']}  {model['task']}  "
+                   f"{model['provider']}{default}")
+
+
+@click.command("stream")
+@click.argument("endpoint", default="tcp://127.0.0.1:5555")
+@click.option("--seconds", type=float, help="Stop after this long (default: until Ctrl-C).")
+@click.option("--fps", type=float, default=30.0, show_default=True)
+@click.option("--server-key", type=click.Path(exists=True, dir_okay=False),
+              help="The daemon's public key file (daemon.key), for a CURVE daemon.")
+@click.option("--client-key", type=click.Path(exists=True, dir_okay=False),
+              help="An enrolled headset's .key_secret file, for a CURVE daemon.")
+def stream_command(endpoint, seconds, fps, server_key, client_key) -> None:
+    """Act as a headset: stream frames to a daemon, print model version changes and any
+    frame that did not get a result. Exit status 1 if any frame failed."""
+    from runtime.client.stream import stream
+
+    def stop_on_term(*_: object) -> None:
+        raise KeyboardInterrupt  # the summary is printed for SIGTERM too
+
+    signal.signal(signal.SIGTERM, stop_on_term)
+    try:
+        summary = stream(endpoint, seconds=seconds, fps=fps, server_key=server_key,
+                         client_key=client_key, on_event=click.echo)
+    except ConnectionError as exc:
+        raise SightlineError(str(exc)) from None
+    failed = ", ".join(f"{k} {n}" for k, n in summary.not_results.items()) or "none"
+    click.echo(f"{summary.sent} frames, {summary.results} results, failed: {failed}; "
+               f"versions: {' -> '.join(summary.versions) or '-'}")
+    sys.exit(1 if summary.failed else 0)
+
