@@ -47,6 +47,8 @@ DISTRIBUTIONS = ("numpy", "torch", "cupy", "cupy-cuda12x", "cupy-cuda13x", "cuda
                  "onnxruntime-gpu", "tensorrt", "pytest")
 SMI_FIELDS = ("index", "name", "memory.total", "memory.used", "utilization.gpu",
               "temperature.gpu", "power.draw")
+SMI_PLATFORM_FIELDS = ("index", "name", "compute_cap", "memory.total", "driver_version")
+SMI_TEXT_FIELDS = ("name", "driver_version", "compute_cap", "uuid", "pci.bus_id")
 # NVML and nvidia-smi are sampled a moment apart, and HostProbe reads memory through
 # nvmlDeviceGetMemoryInfo (v1), whose `used` includes the driver's reserved memory that
 # nvidia-smi (v2) reports apart: used may differ by that much.
@@ -60,7 +62,8 @@ def step_names() -> list[str]:
     for binding in BINDINGS:
         names += [f"{binding}: copies on the opening thread",
                   f"{binding}: copies from an infer thread, closed from a third"]
-    names += ["cuda-python: CuPy computes in our device buffer", "NVML probe vs nvidia-smi",
+    names += ["cuda-python: CuPy computes in our device buffer",
+              "platform probe vs nvidia-smi", "NVML probe vs nvidia-smi",
               "engine: auto backend on this machine", "engine: TensorRT (compile + infer)"]
     names += [f"engine: ONNX Runtime {provider}" for provider in ORT_GPU_PROVIDERS]
     return names
@@ -104,7 +107,7 @@ def parse_nvidia_smi_csv(text: str, fields: Sequence[str] = SMI_FIELDS) -> list[
             value = raw.strip()
             if value.strip("[]") in ("N/A", "Not Supported", "Unknown Error", ""):
                 row[field] = None
-            elif field in ("name", "driver_version", "uuid", "pci.bus_id"):
+            elif field in SMI_TEXT_FIELDS:
                 row[field] = value
             else:
                 row[field] = float(value.split()[0])  # tolerate units left in
@@ -126,6 +129,26 @@ def compare_gpu_figures(ours: Any, smi: dict[str, Any]) -> list[str]:
         if mine is not None and theirs is not None and abs(mine - theirs) > TOLERANCES[attribute]:
             problems.append(f"{attribute}: NVML {mine}, nvidia-smi {theirs} "
                             f"(tolerance {TOLERANCES[attribute]})")
+    return problems
+
+
+def compare_platform(gpus: Sequence[Any], driver: str | None,
+                     smi: Sequence[dict[str, Any]]) -> list[str]:
+    """Differences between devices.platform's GPU list (GpuInfo) and driver version and
+    nvidia-smi's index,name,compute_cap,memory.total,driver_version rows."""
+    problems = []
+    if len(gpus) != len(smi):
+        problems.append(f"devices.platform lists {len(gpus)} GPUs, nvidia-smi {len(smi)}")
+    if smi and driver != smi[0]["driver_version"]:
+        problems.append(f"driver: ours {driver!r}, nvidia-smi {smi[0]['driver_version']!r}")
+    for ours, theirs in zip(gpus, smi, strict=False):
+        capability = "sm_" + str(theirs["compute_cap"]).replace(".", "")
+        if (ours.name, ours.compute_capability) != (theirs["name"], capability):
+            problems.append(f"GPU {ours.index}: ours {ours.name} {ours.compute_capability}, "
+                            f"nvidia-smi {theirs['name']} {capability}")
+        if abs(ours.memory_mb - (theirs["memory.total"] or 0)) > TOLERANCES["memory_total_mb"]:
+            problems.append(f"GPU {ours.index}: memory {ours.memory_mb} MiB, nvidia-smi "
+                            f"{theirs['memory.total']}")
     return problems
 
 
@@ -373,6 +396,23 @@ def check_cupy_interop() -> str:
         api.close()
 
 
+def check_platform_against_nvidia_smi() -> str:
+    from devices.platform import detect_platform
+
+    found = detect_platform()
+    if found.gpu_problem:
+        raise AssertionError(f"devices.platform could not list the GPUs: {found.gpu_problem}")
+    rows = parse_nvidia_smi_csv(nvidia_smi(f"--query-gpu={','.join(SMI_PLATFORM_FIELDS)}",
+                                           "--format=csv,noheader,nounits"),
+                                SMI_PLATFORM_FIELDS)
+    problems = compare_platform(found.gpus, found.driver_version, rows)
+    if problems:
+        raise AssertionError("; ".join(problems))
+    return (f"kind {found.kind}, driver {found.driver_version}; "
+            + "; ".join(f"GPU {g.index} {g.name} {g.compute_capability} {g.memory_mb} MiB"
+                        for g in found.gpus) + " (as nvidia-smi)")
+
+
 def check_nvml_against_nvidia_smi() -> str:
     if importlib.util.find_spec("pynvml") is None:
         raise Skip("nvidia-ml-py (pynvml) is not installed")
@@ -499,7 +539,8 @@ def run_all(pytest_timeout: float = 150, assume_gpu: bool = False) -> list[Step]
         for binding in BINDINGS:
             checks += [lambda b=binding: check_copies_on_opening_thread(b),
                        lambda b=binding: check_copies_across_threads(b)]
-        checks += [check_cupy_interop, check_nvml_against_nvidia_smi,
+        checks += [check_cupy_interop, check_platform_against_nvidia_smi,
+                   check_nvml_against_nvidia_smi,
                    lambda: check_engine_auto(model, work),
                    lambda: check_engine_tensorrt(model, work)]
         checks += [lambda p=p: check_engine_ort_provider(p, model) for p in ORT_GPU_PROVIDERS]

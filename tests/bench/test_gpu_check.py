@@ -164,3 +164,17 @@ def test_gpu_test_step_skips_when_the_suite_skips_every_gpu_test():
     with pytest.raises(gpu_check.Skip, match="no GPU test ran: .*skipped") as caught:
         gpu_check.run_gpu_tests(timeout=120)
     assert "needs an NVIDIA GPU" in str(caught.value)
+
+
+def test_platform_probe_matching_nvidia_smi_has_no_differences():
+    from devices.platform import GpuInfo
+
+    smi = gpu_check.parse_nvidia_smi_csv("0, NVIDIA H200, 9.0, 143771, 580.65.06\n",
+                                         gpu_check.SMI_PLATFORM_FIELDS)
+    assert smi[0]["compute_cap"] == "9.0" and smi[0]["driver_version"] == "580.65.06"
+    ours = (GpuInfo(index=0, name="NVIDIA H200", compute_capability="sm_90", memory_mb=143771),)
+    assert gpu_check.compare_platform(ours, "580.65.06", smi) == []
+    wrong = (GpuInfo(index=0, name="NVIDIA H200", compute_capability="sm_89", memory_mb=143771),)
+    assert gpu_check.compare_platform(wrong, "575.1", smi) == [
+        "driver: ours '575.1', nvidia-smi '580.65.06'",
+        "GPU 0: ours NVIDIA H200 sm_89, nvidia-smi NVIDIA H200 sm_90"]
