@@ -178,3 +178,10 @@ def test_platform_probe_matching_nvidia_smi_has_no_differences():
     assert gpu_check.compare_platform(wrong, "575.1", smi) == [
         "driver: ours '575.1', nvidia-smi '580.65.06'",
         "GPU 0: ours NVIDIA H200 sm_89, nvidia-smi NVIDIA H200 sm_90"]
+
+
+def test_imported_modules_lists_what_a_test_file_needs_at_import():
+    # How the kit narrows the gpu tests on an image without the project's dependencies.
+    assert {"numpy", "pytest", "devices", "tests"} <= gpu_check.imported_modules(
+        ROOT / "tests" / "devices" / "test_cuda.py")
+    assert "psutil" in gpu_check.imported_modules(ROOT / "devices" / "host.py")
