@@ -28,6 +28,13 @@ BINDING_MODULES = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudar
                    "pycuda", "pycuda.driver")
 
 
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def _hide_bindings(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
     # A None entry in sys.modules makes `import` raise ModuleNotFoundError, as on a machine
     # where the package was never installed.
@@ -169,13 +176,39 @@ def test_driver_mismatch_hint_names_the_cuda_python_major_to_install(runtime, dr
 @pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-python not installed")
 def test_the_installed_cuda_python_is_reached_through_its_own_module_layout():
     # 13.x and 12.6.1+ have cuda.bindings.runtime (13.x nothing else); older 12.x only cuda.cudart
-    has_bindings = importlib.util.find_spec("cuda.bindings") is not None
+    has_bindings = _has_module("cuda.bindings")
     runtime = _import_cuda_runtime()
     assert runtime.__name__ == ("cuda.bindings.runtime" if has_bindings else "cuda.cudart")
-    has_utils = has_bindings and importlib.util.find_spec("cuda.bindings.utils") is not None
+    has_utils = _has_module("cuda.bindings.utils")
     getter = _native_handle_getter()
     assert (getter is int) == (not has_utils)
     assert getter(runtime.cudaStream_t(0x1234)) == 0x1234
+
+
+@pytest.mark.skipif(not _has_module("cuda.bindings"),
+                    reason="needs cuda-python >= 12.6.1 (older ones cannot be called without a "
+                           "driver)")
+@pytest.mark.skipif(detect_platform().has_nvidia_gpu, reason="needs a machine without a GPU")
+def test_every_runtime_call_devices_cuda_makes_accepts_its_argument_types():
+    # Without a driver each call still parses its arguments and returns (error, ...): a
+    # signature that changed between cuda-python 12 and 13 would raise TypeError here.
+    rt = _import_cuda_runtime()
+    stream = rt.cudaStream_t(0x1234)
+    calls = {
+        "cudaRuntimeGetVersion": (), "cudaDriverGetVersion": (), "cudaGetDeviceCount": (),
+        "cudaSetDevice": (0,), "cudaStreamCreateWithFlags": (rt.cudaStreamNonBlocking,),
+        "cudaMalloc": (16,), "cudaHostAlloc": (16, rt.cudaHostAllocDefault),
+        "cudaMemcpyAsync": (0x1000, 0x2000, 16, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                            0x1234),
+        "cudaStreamSynchronize": (stream,), "cudaStreamDestroy": (stream,),
+        "cudaFree": (0x1000,), "cudaFreeHost": (0x1000,),
+        "cudaGetErrorName": (rt.cudaError_t.cudaErrorMemoryAllocation,),
+    }
+    for name, args in calls.items():
+        result = getattr(rt, name)(*args)
+        assert isinstance(result, tuple) and isinstance(result[0], rt.cudaError_t), name
+    assert rt.cudaGetErrorName(rt.cudaError_t.cudaErrorMemoryAllocation)[1] \
+        == b"cudaErrorMemoryAllocation"
 
 
 def test_cuda_python_missing_is_an_import_error_naming_it(monkeypatch):
