@@ -24,7 +24,8 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
     site="${TMPDIR:-/tmp}/sightline-gpu-check-site"
     "$python" -m pip install --quiet --no-index --no-deps --upgrade --target "$site" \
         "$wheels"/*.whl || echo "gpu_check: carried wheels did not install; going on" >&2
-    export PYTHONPATH="$PYTHONPATH:$site"  # after the image's own: they win where both exist
+    # PYTHONPATH comes before site-packages: carry only what the image lacks.
+    export PYTHONPATH="$PYTHONPATH:$site"
 fi
 
 cd "$root" || exit 2
