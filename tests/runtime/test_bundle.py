@@ -82,7 +82,7 @@ def test_valid_manifest_keeps_every_field():
         ({"input": {"name": "image", "size": {"mode": "dynamic", "multiple_of": 0}}},
          "multiple_of"),
         ({"input": {"name": "image", "layout": "CHW", "size": {"mode": "dynamic"}}}, "layout"),
-        ({"preprocess": {"color": "gray"}}, "mean and std need 1 values"),
+        ({"preprocess": {"color": "gray"}}, "mean\n.*expected 1, one per channel"),
         ({"preprocess": {"std": [1.0, 0.0, 1.0]}}, "non-zero"),
         ({"thresholds": {"score": 1.5}}, "score"),
         ({"thresholds": {"max_detections": 0}}, "max_detections"),
