@@ -40,8 +40,9 @@ class FrameTransform:
 
     def affine(self) -> list[float]:
         """The 2x3 matrix, row-major, taking model-input pixels [x, y, 1] to source pixels."""
-        return [1.0 / self.scale_x, 0.0, -self.pad_x / self.scale_x,
-                0.0, 1.0 / self.scale_y, -self.pad_y / self.scale_y]
+        # + 0.0: no pad must read 0.0, not the -0.0 that negating it gives
+        return [1.0 / self.scale_x, 0.0, -self.pad_x / self.scale_x + 0.0,
+                0.0, 1.0 / self.scale_y, -self.pad_y / self.scale_y + 0.0]
 
     def to_wire(self) -> dict[str, Any]:
         """The reply's `transform` map (docs/protocol.md §5.1.2)."""
