@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.engines import EngineSettings
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, describe_validation
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,14 +100,6 @@ class ServeConfig(BaseModel):
         return value
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        lines.append(f"  {key}: {error['msg']}")
-    return "\n".join(lines)
-
-
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Read `path` (if any), apply dotted-key overrides like {"server.deadline_ms": 100}."""
     data: dict[str, Any] = {}
@@ -130,7 +122,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
         where = f"in {path}" if path else "in the command-line options"
-        raise ConfigError(f"invalid configuration {where}:\n{_describe(exc)}") from None
+        raise ConfigError(f"invalid configuration {where}: "
+                          f"{describe_validation(exc, model=ServeConfig)}") from None
 
 
 def apply_device_profile(config: ServeConfig):

@@ -27,6 +27,7 @@ from zmq.utils.monitor import recv_monitor_message
 from runtime.curve_keys import load_public_key, make_curve_client
 from runtime.protocol import decode_reply, detections_from_reply, encode_request
 from runtime.results import Detection, tensor_from_wire
+from runtime.transform import FrameTransform
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()
@@ -54,6 +55,47 @@ class Reply:
     @property
     def tensors(self) -> dict[str, np.ndarray]:
         return {k: tensor_from_wire(v) for k, v in self.message.get("tensors", {}).items()}
+
+    @property
+    def transform(self) -> FrameTransform | None:
+        """Where the model input lay in the source frame (raw results; None otherwise)."""
+        wire = self.message.get("transform")
+        return None if wire is None else FrameTransform.from_wire(wire, self.message["w"],
+                                                                  self.message["h"])
+
+    def tensor_to_source(self, name: str) -> np.ndarray:
+        """Raw output `name`, a (..., H, W) map, as (..., h, w) over the source frame: the
+        letterbox border cropped and the rest resized (as is if the daemon already did)."""
+        wire = self.message["tensors"][name]
+        tensor = tensor_from_wire(wire)
+        if wire.get("space") == "source":
+            return tensor
+        return self._transform_for(name).warp_to_source(tensor)
+
+    def point_to_source(self, name: str, x, y, *, clip: bool = True):
+        """A point (or arrays of them) in raw output `name`'s pixel grid -> source pixels.
+
+        x is along the tensor's last dim, y along the one before; element [..., i, j] has its
+        centre at (j + 0.5, i + 0.5). Clamped to the frame unless `clip` is False.
+        """
+        wire = self.message["tensors"][name]
+        grid_h, grid_w = wire["shape"][-2:]
+        if wire.get("space") == "source":
+            xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+            return ((np.clip(xs, 0, grid_w), np.clip(ys, 0, grid_h)) if clip else (xs, ys))
+        return self._transform_for(name).grid_to_source(x, y, grid_w, grid_h, clip=clip)
+
+    def _transform_for(self, name: str) -> FrameTransform:
+        transform = self.transform
+        if transform is None:
+            raise ValueError(f"the reply has no transform for tensor {name!r}: the daemon "
+                             "predates it (protocol.md §5.1.2); map it yourself")
+        return transform
+
+    @property
+    def spatial_error(self) -> str | None:
+        """Why asked-for spatial results are missing (for logs; wording not stable)."""
+        return self.message.get("spatial_error")
 
     @property
     def tracks(self) -> list[dict[str, Any]]:

@@ -7,34 +7,15 @@ Runs on the hot path: output tensors come from a small ring of preallocated buff
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from runtime.models.bundle import InputSpec, Preprocess
+from runtime.transform import FrameTransform  # re-exported: the tasks' and tests' import
 
 # Source pixel orders the decoder can hand over.
 SourceColor = str  # "bgr" | "rgb" | "gray"
-
-
-@dataclass(frozen=True, slots=True)
-class FrameTransform:
-    """model_xy = source_xy * scale + pad; its inverse puts detections on the source frame."""
-
-    scale_x: float
-    scale_y: float
-    pad_x: float
-    pad_y: float
-    source_width: int
-    source_height: int
-    input_width: int
-    input_height: int
-
-    def to_source(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sx = np.clip((xs - self.pad_x) / self.scale_x, 0, self.source_width)
-        sy = np.clip((ys - self.pad_y) / self.scale_y, 0, self.source_height)
-        return sx, sy
 
 
 def input_size(spec: InputSpec, width: int, height: int) -> tuple[int, int]:
