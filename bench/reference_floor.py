@@ -18,7 +18,7 @@ import time
 import zmq
 
 from runtime.daemon.decode import decode_pixels
-from runtime.daemon.pipeline import LoadedModel
+from runtime.daemon.inference import LoadedModel
 from runtime.engines import EngineSettings, open_bundle_engine
 from runtime.errors import ProtocolError
 from runtime.models.bundle import Bundle
