@@ -39,9 +39,33 @@ class ServerSettings(BaseModel):
     reply_hwm: int = Field(default=64, gt=0)
     # Frames per second one client may send; the excess gets RATE_LIMITED error replies.
     max_fps_per_client: float = Field(default=120.0, gt=0)
+    # Dynamic batching across clients: up to this many clients' newest frames of the same
+    # size run as one engine call, where the model has a batch dimension. "auto": 4 when
+    # the engine runs on a GPU, 1 (no batching) on a CPU, where a batch of N costs about N
+    # single calls and only delays the first frame of it.
+    max_batch: int | Literal["auto"] = "auto"
+    # Wait this long for a batch to fill when only one frame is waiting. 0: never wait;
+    # frames that arrive during an inference form the next batch, so no frame waits longer
+    # than the inference in progress and a single client's latency is unchanged.
+    batch_wait_ms: float = Field(default=0.0, ge=0)
+    # Prepare the next frames while the engine runs ("auto": only when the engine runs on
+    # a GPU; on a CPU-bound engine it competes for the cores and adds a thread hand-over).
+    prepare_ahead: Literal["auto", "on", "off"] = "auto"
+    # Run the model in the thread that owns the socket, as a one-thread server would: two
+    # thread hand-overs fewer per frame. "auto": when the daemon serves one model on a
+    # CPU-bound engine (with several, each needs its own thread) that infers in under half
+    # of deadline_ms (a frame arriving mid-inference waits unseen in the socket meanwhile).
+    inline_inference: Literal["auto", "on", "off"] = "auto"
     # Prometheus /metrics endpoint as HOST:PORT (no authentication: keep it on loopback
     # or a management network); unset: no endpoint.
     metrics_listen: str | None = Field(default=None, pattern=r"^[^:]+:\d+$")
+
+    @field_validator("max_batch")
+    @classmethod
+    def _batch_is_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("max_batch is a number of frames, 1 or more (1: no batching)")
+        return value
 
     @field_validator("endpoints")
     @classmethod

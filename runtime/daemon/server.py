@@ -19,7 +19,7 @@ import zmq
 
 from runtime.config import ServeConfig
 from runtime.curve_keys import DAEMON_KEY_NAME, HEADSETS_DIR, make_curve_server
-from runtime.daemon.pipeline import FrameJob, ModelPipeline
+from runtime.daemon.pipeline import FrameJob, ModelPipeline, prepares_ahead
 from runtime.daemon.security import HeadsetAuthenticator
 from runtime.daemon.service import Watchdog
 from runtime.engines import EngineBuilder, open_bundle_engine
@@ -47,6 +47,19 @@ def _user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id")
     except zmq.ZMQError:  # no such property: the message did not come through a handshake
         return None
+
+
+def _pipeline_options(settings, engine, models: int) -> dict:
+    """Batching, prepare-ahead and inline inference for one model, "auto" resolved for its
+    engine: inline only for a daemon serving one model on a CPU-bound engine."""
+    on_gpu = prepares_ahead(engine)
+    max_batch = settings.max_batch if settings.max_batch != "auto" else (4 if on_gpu else 1)
+    prepare = {"auto": None, "on": True, "off": False}[settings.prepare_ahead]
+    # auto: decided after warm-up (None), and only where one CPU-bound model is served
+    inline = {"auto": None if models == 1 and not on_gpu and prepare is not True else False,
+              "on": True, "off": False}[settings.inline_inference]
+    return {"max_batch": max_batch, "batch_wait_s": settings.batch_wait_ms / 1000.0,
+            "prepare_ahead": prepare, "inline": inline}
 
 
 class RateLimiter:
@@ -97,7 +110,9 @@ class Server:
                                   "name once (re-import one with another --name)")
             engine = open_bundle_engine(bundle, config.engine, engine_builder)
             self._pipelines[bundle.name] = ModelPipeline(
-                bundle, engine, self._context, self._reply_endpoint, self._deadline_s)
+                bundle, engine, self._context, self._reply_endpoint, self._deadline_s,
+                **_pipeline_options(settings, engine, len(bundles)))
+        self._inline: list[ModelPipeline] = []  # known once the pipelines have started
         self.default_model = bundles[0].name
         self._clients: dict[bytes, float] = {}  # identity -> last seen (I/O thread only)
         self._rates: dict[bytes, RateLimiter] = {}
@@ -137,6 +152,7 @@ class Server:
         self._router = router
         for pipeline in self._pipelines.values():
             pipeline.start()
+        self._inline = [p for p in self._pipelines.values() if p.inline]
         return self.endpoints
 
     def _secure(self, router: zmq.Socket) -> None:
@@ -185,11 +201,14 @@ class Server:
         next_sweep = time.monotonic() + 1.0
         try:
             while not stop.is_set():
-                events = dict(poller.poll(POLL_MS))
+                waiting = any(p.waiting() for p in self._inline)
+                events = dict(poller.poll(0 if waiting else POLL_MS))
                 if self._replies in events:
                     self._forward_replies()
                 if self._router in events:
                     self._read_requests()
+                for pipeline in self._inline:  # after reading: the newest frames win
+                    pipeline.run_inline(self._send)
                 if time.monotonic() >= next_sweep:
                     self._forget_idle_clients()
                     if self._authenticator is not None:

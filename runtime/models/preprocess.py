@@ -1,7 +1,8 @@
 """Frame -> model input tensor, and the transform that maps model coordinates back.
 
 Runs on the hot path: output tensors come from a small ring of preallocated buffers
-(one being inferred, one being filled), so steady-state frames allocate nothing large.
+(one being inferred, one being filled; more when frames are batched), so steady-state
+frames allocate nothing large.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Preprocessor:
 
     RING = 2  # buffers: one in the engine, one being filled
 
-    def __init__(self, spec: InputSpec, preprocess: Preprocess) -> None:
+    def __init__(self, spec: InputSpec, preprocess: Preprocess, *, ring: int = RING) -> None:
+        self._ring = max(1, ring)
         self._spec = spec
         self._pre = preprocess
         channels = 1 if preprocess.color == "gray" else 3
@@ -55,11 +57,11 @@ class Preprocessor:
         if ring is None:
             shape = ((1, self._channels, height, width) if self._spec.layout == "NCHW"
                      else (1, height, width, self._channels))
-            ring = [np.empty(shape, dtype=np.float32) for _ in range(self.RING)]
+            ring = [np.empty(shape, dtype=np.float32) for _ in range(self._ring)]
             if len(self._buffers) > 8:  # clients with many frame sizes must not grow memory
                 self._buffers.clear()
             self._buffers[(width, height)] = ring
-        self._turn = (self._turn + 1) % self.RING
+        self._turn = (self._turn + 1) % self._ring
         return ring[self._turn]
 
     def __call__(self, image: np.ndarray, color: SourceColor) -> tuple[np.ndarray, FrameTransform]:
