@@ -168,6 +168,7 @@ class Client:
             return seq
 
     def _send_direct(self, seq: int, parts: list) -> None:
+        sent_at = time.time()  # before: the daemon may read it before send returns
         try:
             self._direct[0].send_multipart(parts, zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -176,7 +177,7 @@ class Client:
             self._deliver(Reply("not_sent", seq, {"reason": "no daemon connected"}))
             return
         self.counters.sent += 1
-        self._pending[seq] = time.time()
+        self._pending[seq] = sent_at
 
     def recv(self, timeout: float | None = None) -> Reply | None:
         """The next reply (iterator mode), or None after `timeout` seconds."""
