@@ -35,7 +35,9 @@ from runtime.models.bundle import (
     write_bundle,
 )
 from runtime.tools.bench_rates import server_rate
-from tests.onnx_models import conv_pool_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
+from tests.onnx_models import conv_pool_model  # noqa: E402
 
 CLIENT_COUNTS = (1, 2, 4)
 
