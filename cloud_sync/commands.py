@@ -54,8 +54,7 @@ class Tolerance(_Strict):
 class _Targets(_Strict):
     devices: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
-    issued_at: float = Field(default_factory=time.time)
-
+    issued_at: float = Field(default_factory=time.time)  # Unix s; replay protection
     @field_validator("devices")
     @classmethod
     def _devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -83,6 +82,9 @@ class UpdateCommand(_Targets):
     # at most this long (median of a few runs) and match the references within tolerance.
     latency_budget_ms: float | None = Field(default=None, gt=0)
     reference: Tolerance | None = None
+    # A version older than the one serving is refused unless the command says so: a
+    # captured update to a version later found bad cannot be used to go back to it.
+    allow_downgrade: bool = False
 
     @field_validator("update_id")
     @classmethod
@@ -105,7 +107,13 @@ class _CommandDocument(_Strict):
 
 
 def parse_command(document: dict[str, Any]) -> UpdateCommand | RollbackCommand:
-    """Validate a verified payload; UpdateRejected naming the bad fields otherwise."""
+    """Validate a verified payload; UpdateRejected naming the bad fields otherwise.
+
+    `issued_at` must be in the signed payload: replay protection rests on it."""
+    if "issued_at" not in document:
+        raise UpdateRejected("invalid OTA command: issued_at: Field required (Unix time the "
+                             "command was signed; commands older than the device's "
+                             "ota.max_command_age_s are refused)")
     try:
         return _CommandDocument.model_validate({"command": document}).command
     except ValidationError as exc:
