@@ -162,9 +162,17 @@ class Updater:
                                max_skew_s=self.settings.max_clock_skew_s)
         except CommandRefused as exc:
             log.error("OTA command %s rejected: %s", _command_id(command), exc)
-            self._report(command, OtaState.REJECTED, detail=str(exc), check=exc.check,
-                         command_sha256=describe_unverified(payload)["command_sha256"],
-                         keep_last=exc.check == "replay")
+            digest = describe_unverified(payload)["command_sha256"]
+            if exc.check == "replay":
+                # Not a step of that update: without its update_id at the top, whoever
+                # follows the update (push, fleet) keeps its real outcome. A staged push
+                # re-sends the same update to a group its canaries are in, too.
+                self._report(None, OtaState.REJECTED, keep_last=True, detail=str(exc),
+                             check=exc.check, command_sha256=digest,
+                             replay_of=_identity(command))
+            else:
+                self._report(command, OtaState.REJECTED, detail=str(exc), check=exc.check,
+                             command_sha256=digest)
             return
         self._replay.remember(_command_id(command), command.issued_at, keep_s=(
             self.settings.max_command_age_s + 2 * self.settings.max_clock_skew_s))
@@ -492,3 +500,10 @@ def _older(version: str, than: str) -> bool:
         return Version(version) < Version(than)
     except InvalidVersion:
         return False
+
+
+def _identity(command: UpdateCommand | RollbackCommand) -> dict[str, str]:
+    if isinstance(command, UpdateCommand):
+        return {"type": "update", "update_id": command.update_id, "model": command.model,
+                "version": command.version}
+    return {"type": "rollback", "command_id": command.command_id, "model": command.model}

@@ -61,6 +61,16 @@ class Unverified(_Wire):
     issued_at: Number | None = None
 
 
+class ReplayOf(_Wire):
+    """The (verified) command a replay rejection is about."""
+
+    type: Literal["update", "rollback"]
+    update_id: str | None = None
+    command_id: str | None = None
+    model: str
+    version: str | None = None
+
+
 class OtaProgress(_Wire):
     """devices/{id}/ota/progress: one document per step of an update or rollback."""
 
@@ -83,6 +93,9 @@ class OtaProgress(_Wire):
         "rejected only: sha256 of the command's bytes as received"))
     unverified: Unverified | None = Field(default=None, description=(
         "rejected before the signature or schema was trusted: the ids the command claims"))
+    replay_of: ReplayOf | None = Field(default=None, description=(
+        "rejected as a replay: the command (already accepted once) it repeats; the "
+        "update's own documents keep their update_id, this one has none"))
 
 
 class LastOutcome(OtaProgress):

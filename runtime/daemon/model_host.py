@@ -6,37 +6,17 @@ for a swap, and reads health counters. The swap itself is ModelPipeline.swap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
+from runtime.daemon.health import STALL_S, ModelHealth, PipelineState
 from runtime.engines import Engine, EngineSettings, open_bundle_engine
 from runtime.errors import SightlineError
 from runtime.models.bundle import Bundle
 
-STALL_S = 5.0  # a pipeline loop that has not turned for this long is stuck
+__all__ = ["STALL_S", "ModelHealth", "PipelineState", "ServerModelHost"]
 
 if TYPE_CHECKING:
     from runtime.daemon.server import Server
-
-
-class PipelineState(str, Enum):
-    """What a model's pipeline is doing, as probation needs to tell it apart."""
-
-    SERVING = "serving"  # both threads alive and turning (idle, with no clients, included)
-    STALLED = "stalled"  # a thread died, or one call (an engine run) hung for the stall time
-    STOPPED = "stopped"  # the daemon is shutting it down: says nothing about the model
-
-
-@dataclass(frozen=True)
-class ModelHealth:
-    state: PipelineState
-    results: int
-    errors: int
-
-    @property
-    def healthy(self) -> bool:
-        return self.state is PipelineState.SERVING
 
 
 class ServerModelHost:

@@ -18,8 +18,8 @@ import numpy as np
 import zmq
 
 from runtime.daemon.decode import decode_depth, decode_pixels
+from runtime.daemon.health import STALL_S, PipelineState
 from runtime.daemon.latest import LatestSlots
-from runtime.daemon.model_host import STALL_S, PipelineState
 from runtime.engines import Engine
 from runtime.errors import ProtocolError, SightlineError
 from runtime.models.bundle import Bundle

@@ -469,8 +469,9 @@ def test_a_captured_command_published_again_is_rejected_as_a_replay(device, oper
     daemon.stop(signal.SIGTERM)
     daemon = device()  # the seen ids survive a restart
     operator.publish(operator.client, topic, envelope)  # the captured bytes, again
-    replay = operator.wait_state(DEVICE, command.update_id, "rejected")
+    replay = operator.wait_state(DEVICE, None, "rejected")
     assert replay["check"] == "replay" and "accepted on this device before" in replay["detail"]
+    assert replay["replay_of"]["update_id"] == command.update_id
     assert replay["command_sha256"] == hashlib.sha256(envelope).hexdigest()
     assert _version(daemon) == "2.0"
     assert operator.states(DEVICE, command.update_id).count("accepted") == 1
