@@ -17,49 +17,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.commands import OtaState, RollbackCommand, UpdateCommand, parse_command
+from cloud_sync.ota_settings import OtaSettings
 from cloud_sync.replay import CommandRefused, ReplayGuard
 from cloud_sync.signing import TrustedKeys, describe_unverified
 from runtime.daemon.model_host import ModelHealth, PipelineState
 from runtime.engines import Engine
 from runtime.errors import SightlineError, UpdateRejected
 from runtime.failpoints import FAILPOINT_ENV, failpoint
-from runtime.models.bundle import MAX_UNPACKED_BYTES, Bundle, sha256_file, unpack_archive
+from runtime.models.bundle import Bundle, sha256_file, unpack_archive
 from runtime.models.store import ModelStore, StoreEvent, read_json, write_json_atomic
 from runtime.models.validation import validate_engine
 
 log = logging.getLogger(__name__)
 __all__ = ["FAILPOINT_ENV", "OtaSettings", "Updater"]
-
-
-class OtaSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # A new version serves "on probation" this long; errors, a stalled pipeline or a crash
-    # loop meanwhile roll it back. A restart (clean or not) starts the probation again.
-    probation_s: float = Field(default=60.0, ge=0)
-    # During probation: a pipeline loop that has not turned this long (a hung engine call,
-    # a dead thread) is a stall. Idle (no clients) is not: idle loops still turn.
-    probation_stall_s: float = Field(default=5.0, gt=0)
-    # Restarts during probation before it is a crash loop (then the previous version serves).
-    max_boots: int = Field(default=2, ge=0)
-    keep_versions: int = Field(default=3, ge=1)
-    max_bundle_bytes: int = Field(default=MAX_UNPACKED_BYTES, gt=0)
-    stall_timeout_s: float = Field(default=60.0, gt=0)
-    # CA bundle for https:// deliveries from a private CA (default: the system's).
-    http_ca_file: Path | None = None
-    validation_runs: int = Field(default=5, ge=1)
-    # During probation: roll back when at least this many frames failed and they are at
-    # least this share of the frames served.
-    probation_min_errors: int = Field(default=5, ge=1)
-    probation_error_share: float = Field(default=0.2, gt=0, le=1)
-    # Replay protection: refuse commands signed longer ago than this (default: the MQTT
-    # session expiry, so a command queued for a device that was offline still applies),
-    # or dated further ahead of this device's clock than the skew.
-    max_command_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
-    max_clock_skew_s: float = Field(default=300.0, ge=0)
 
 
 class Delivery(Protocol):
@@ -126,6 +98,8 @@ class Updater:
         """Stop taking commands and watching probation. A probation in progress is paused,
         not judged: the store marks the stop clean (no crash-loop count) and the next start
         runs the probation again."""
+        if self._stop.is_set():
+            return  # stopped already (sightline serve stops the agent twice, to be sure)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
@@ -446,7 +420,13 @@ class Updater:
                 f"{probation.boots} of {self.settings.max_boots} allowed; a clean stop does "
                 "not count); probation starts again"), **self._probation.fields())
             break  # one probation at a time: a newer update confirms the older first
-        if command is not None:
+        state = self._store.state(command.model) if command is not None else None
+        if (isinstance(command, UpdateCommand) and state is not None and step == "active"
+                and state.active == command.version and state.probation is None):
+            # died between the store's confirm and the journal's removal
+            self._report(command, OtaState.CONFIRMED, detail="confirmed before the restart")
+            self._clear_journal()
+        elif command is not None:
             serving = self._host.serving().get(command.model)
             self._report(command, OtaState.INTERRUPTED, detail=(
                 f"the daemon stopped during step {step!r}; {command.model}@{serving} serves; "

@@ -78,6 +78,14 @@ def _version(daemon) -> str:
     return reply.message["model_version"]
 
 
+def _store_state(short_tmp: Path) -> dict:
+    return json.loads((short_tmp / "state" / "models" / MODEL / "state.json").read_text())
+
+
+def _statuses(state: dict) -> dict[str, str]:
+    return {r["version"]: r["status"] for r in state["versions"]}
+
+
 def test_signed_update_swaps_while_a_client_streams_and_no_frame_fails(
         device, operator, short_tmp):
     daemon = device()
@@ -347,6 +355,9 @@ def test_rollback_command_serves_the_previous_version_again(device, operator, sh
     done = operator.wait_state(DEVICE, "rb-1", "rolled_back", "failed")
     assert done["state"] == "rolled_back" and done["serving"][MODEL] == "1.0"
     _wait_serving(daemon, "1.0")
+    state = _store_state(short_tmp)
+    assert _statuses(state) == {"2.0": "rejected", "1.0": "active"}
+    assert state["versions"][0]["reason"] == "rolled back by command rb-1"
 
 
 @pytest.mark.parametrize("step", ["accepted", "downloading", "downloaded", "unpacked",
@@ -375,14 +386,6 @@ def test_sigkill_right_after_activation_keeps_the_new_model_on_probation(
         resumed["serving"][MODEL] == "2.0"
     operator.wait_state(DEVICE, command.update_id, "confirmed", timeout=30)
     assert _version(daemon) == "2.0"
-
-
-def _store_state(short_tmp: Path) -> dict:
-    return json.loads((short_tmp / "state" / "models" / MODEL / "state.json").read_text())
-
-
-def _statuses(state: dict) -> dict[str, str]:
-    return {r["version"]: r["status"] for r in state["versions"]}
 
 
 def _wait_resumed(operator: Operator, update_id: str, timeout: float = 30.0) -> dict:
@@ -502,6 +505,9 @@ def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
     rolled = operator.wait_state(DEVICE, command.update_id, "rolled_back", timeout=30)
     assert "crash loop" in rolled["detail"]
     assert _version(daemon) == "1.0"
+    state = _store_state(short_tmp)
+    assert _statuses(state) == {"2.0": "rejected", "1.0": "active"}
+    assert "crash loop" in state["versions"][0]["reason"]
 
 
 def test_daemon_reports_telemetry_and_a_retained_status_with_its_model(

@@ -294,3 +294,22 @@ def test_rollback_with_nothing_earlier_fails_and_says_so(setup):
     _send(updater, key, RollbackCommand(command_id="rb", model=MODEL, devices=("d1",)))
     assert "no earlier good version" in _wait(reports, "failed")["detail"]
     assert host.swaps == []
+
+
+def test_a_crash_between_confirm_and_the_journal_removal_reports_confirmed(setup):
+    updater, host, store, reports, archive, key = setup
+    command = make_update(archive, devices=["d1"])
+    _send(updater, key, command)
+    _wait(reports, "confirmed")
+    updater.stop()
+    journal = store.root.parent / "ota" / "inflight.json"  # as kill -9 would leave it
+    journal.write_text(json.dumps({"command": command.model_dump(mode="json"),
+                                   "state": "active", "ts": time.time()}))
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings())
+    restarted.start()
+    restarted.stop()
+    assert [(r["state"], r.get("detail")) for r in again] == [
+        ("confirmed", "confirmed before the restart")]
+    assert not journal.exists()
