@@ -11,6 +11,7 @@ import time
 from enum import Enum
 from typing import Annotated, Any, Literal
 
+from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sync.topics import (
@@ -137,7 +138,7 @@ class OtaState(str, Enum):
     REJECTED = "rejected"  # refused before anything was fetched
     FAILED = "failed"  # a step failed; the previous model never stopped serving
     ROLLED_BACK = "rolled_back"  # was active, now the previous version serves again
-    INTERRUPTED = "interrupted"  # the daemon restarted mid-update; the update was dropped
+    INTERRUPTED = "interrupted"  # the daemon died during it on every try; dropped
     CURRENT = "current"  # this version is already active: nothing to do
 
 
@@ -146,3 +147,25 @@ SUCCEEDED = frozenset({OtaState.CONFIRMED.value, OtaState.CURRENT.value})
 UNSUCCESSFUL = frozenset({OtaState.REJECTED.value, OtaState.FAILED.value,
                           OtaState.ROLLED_BACK.value, OtaState.INTERRUPTED.value})
 TERMINAL = SUCCEEDED | UNSUCCESSFUL
+
+
+def command_id(command: UpdateCommand | RollbackCommand) -> str:
+    """The id replay protection keys on: an update's update_id, a rollback's command_id."""
+    return command.update_id if isinstance(command, UpdateCommand) else command.command_id
+
+
+def is_older_version(version: str, than: str) -> bool:
+    """Whether `version` precedes `than` (PEP 440 order; versions that do not parse are
+    never called older: the command's own flag cannot be required for them)."""
+    try:
+        return Version(version) < Version(than)
+    except InvalidVersion:
+        return False
+
+
+def command_identity(command: UpdateCommand | RollbackCommand) -> dict[str, str]:
+    """The ids that say which command a report is about (a replay's `replay_of`)."""
+    if isinstance(command, UpdateCommand):
+        return {"type": "update", "update_id": command.update_id, "model": command.model,
+                "version": command.version}
+    return {"type": "rollback", "command_id": command.command_id, "model": command.model}

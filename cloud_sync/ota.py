@@ -16,9 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from packaging.version import InvalidVersion, Version
-
-from cloud_sync.commands import OtaState, RollbackCommand, UpdateCommand, parse_command
+from cloud_sync.commands import (
+    OtaState,
+    RollbackCommand,
+    UpdateCommand,
+    command_id,
+    command_identity,
+    is_older_version,
+    parse_command,
+)
 from cloud_sync.ota_settings import OtaSettings
 from cloud_sync.replay import CommandRefused, ReplayGuard
 from cloud_sync.signing import TrustedKeys, describe_unverified
@@ -32,6 +38,13 @@ from runtime.models.validation import validate_engine
 
 log = logging.getLogger(__name__)
 __all__ = ["FAILPOINT_ENV", "OtaSettings", "Updater"]
+# Starts of one update before it is given up: a restart before activation resumes it,
+# unless the update itself keeps killing the daemon (then the old version serves).
+MAX_ATTEMPTS = 3
+
+
+class _Paused(SightlineError):
+    """The daemon is stopping: the update stops between two steps and resumes on restart."""
 
 
 class Delivery(Protocol):
@@ -85,6 +98,7 @@ class Updater:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="sightline-ota", daemon=True)
         self._probation: _Probation | None = None
+        self._attempts: dict[str, int] = {}  # update id -> this start's try (resumed ones)
         self._replay = ReplayGuard(self._dir / "seen.json")
         self.last: dict[str, Any] | None = read_json(self._dir / "last.json")
 
@@ -128,14 +142,14 @@ class Updater:
             self._reject_unverified(payload, "schema", exc)
             return
         if not command.addresses(self._device_id, self._groups):
-            log.info("OTA command %s is not addressed to this device", _command_id(command))
+            log.info("OTA command %s is not addressed to this device", command_id(command))
             return
         try:
-            self._replay.check(_command_id(command), command.issued_at,
+            self._replay.check(command_id(command), command.issued_at,
                                max_age_s=self.settings.max_command_age_s,
                                max_skew_s=self.settings.max_clock_skew_s)
         except CommandRefused as exc:
-            log.error("OTA command %s rejected: %s", _command_id(command), exc)
+            log.error("OTA command %s rejected: %s", command_id(command), exc)
             digest = describe_unverified(payload)["command_sha256"]
             if exc.check == "replay":
                 # Not a step of that update: without its update_id at the top, whoever
@@ -143,12 +157,12 @@ class Updater:
                 # re-sends the same update to a group its canaries are in, too.
                 self._report(None, OtaState.REJECTED, keep_last=True, detail=str(exc),
                              check=exc.check, command_sha256=digest,
-                             replay_of=_identity(command))
+                             replay_of=command_identity(command))
             else:
                 self._report(command, OtaState.REJECTED, detail=str(exc), check=exc.check,
                              command_sha256=digest)
             return
-        self._replay.remember(_command_id(command), command.issued_at, keep_s=(
+        self._replay.remember(command_id(command), command.issued_at, keep_s=(
             self.settings.max_command_age_s + 2 * self.settings.max_clock_skew_s))
         try:
             self._queue.put_nowait(command)
@@ -190,7 +204,7 @@ class Updater:
                 else:
                     self._run_rollback(command)
             except Exception as exc:  # the OTA thread must outlive any bug in one update
-                log.exception("OTA command %s failed unexpectedly", _command_id(command))
+                log.exception("OTA command %s failed unexpectedly", command_id(command))
                 self._report(command, OtaState.FAILED, detail=f"internal error: {exc}")
             self._check_probation()
 
@@ -220,9 +234,12 @@ class Updater:
         staging = self._store.staging_dir(command.update_id)
         engine: Engine | None = None
         step = OtaState.ACCEPTED
-        activated = False
+        activated = paused = False
+        attempt = self._attempts.get(command.update_id, 1)
         try:
-            self._step(command, step)
+            self._step(command, step, **({"detail": (
+                f"resumed after a restart (try {attempt} of {MAX_ATTEMPTS})")}
+                if command.update_id in self._attempts else {}))
             step = OtaState.DOWNLOADING
             self._step(command, step, percent=0)
             self._download(command, staging / "bundle.sightline")
@@ -262,6 +279,13 @@ class Updater:
         except SightlineError as exc:
             if engine is not None:
                 engine.close()
+            if self._stop.is_set() and not activated:  # shutting down, not failing
+                paused = True
+                # a clean stop is not a try that died: the restart gets this try again
+                self._write_journal(command, step, attempt - 1)
+                log.info("update %s paused at step %s by the shutdown; it resumes after the "
+                         "restart", command.update_id, step.value)
+                return
             detail = f"{step.value}: {exc}"
             if activated:  # the swap itself failed: the store must not keep the new version
                 self._store.rollback(command.model, reason=f"the swap failed: {exc}")
@@ -270,12 +294,13 @@ class Updater:
             self._report(command, OtaState.FAILED, detail=detail)
             self._clear_journal()
         finally:
-            self._store.clear_staging(command.update_id)
+            if not paused:  # a paused download resumes from what is on disk
+                self._store.clear_staging(command.update_id)
 
     def _going_back(self, command: UpdateCommand, serving: str) -> str | None:
         """Why this update is a downgrade (None if it is not): an older version than the
         one serving, or one this device already moved on from (good or rejected)."""
-        if _older(command.version, serving):
+        if is_older_version(command.version, serving):
             return f"is older than the serving {serving}"
         state = self._store.state(command.model)
         record = state.record(command.version) if state is not None else None
@@ -426,21 +451,35 @@ class Updater:
             # died between the store's confirm and the journal's removal
             self._report(command, OtaState.CONFIRMED, detail="confirmed before the restart")
             self._clear_journal()
+        elif isinstance(command, UpdateCommand) and journal.get("attempt", 1) < MAX_ATTEMPTS:
+            # stopped before activation: run it again, from what is on disk
+            self._attempts[command.update_id] = journal.get("attempt", 1) + 1
+            log.info("update %s was interrupted during step %r; resuming it (try %d of %d)",
+                     command.update_id, step, self._attempts[command.update_id], MAX_ATTEMPTS)
+            self._queue.put_nowait(command)
+            self._store.clear_staging(keep=command.update_id)
+            return
         elif command is not None:
             serving = self._host.serving().get(command.model)
             self._report(command, OtaState.INTERRUPTED, detail=(
-                f"the daemon stopped during step {step!r}; {command.model}@{serving} serves; "
-                "push the update again (with a new id) to retry"))
+                f"the daemon stopped during step {step!r} on each of {MAX_ATTEMPTS} tries; "
+                f"{command.model}@{serving} serves; push the update again (with a new id) "
+                "to retry"))
             self._clear_journal()
         self._store.clear_staging()
 
     # -- bookkeeping -----------------------------------------------------------------
     def _step(self, command: UpdateCommand, state: OtaState, **fields: Any) -> None:
-        write_json_atomic(self._dir / "inflight.json",
-                          {"command": command.model_dump(mode="json"), "state": state.value,
-                           "ts": time.time()})
+        if self._stop.is_set() and state is not OtaState.ACTIVE:
+            raise _Paused("the daemon is stopping")
+        self._write_journal(command, state, self._attempts.get(command.update_id, 1))
         self._report(command, state, **fields)
         failpoint(f"ota:{state.value}")
+
+    def _write_journal(self, command: UpdateCommand, state: OtaState, attempt: int) -> None:
+        write_json_atomic(self._dir / "inflight.json",
+                          {"command": command.model_dump(mode="json"), "state": state.value,
+                           "attempt": attempt, "ts": time.time()})
 
     def _clear_journal(self) -> None:
         (self._dir / "inflight.json").unlink(missing_ok=True)
@@ -468,22 +507,3 @@ class Updater:
             write_json_atomic(self._dir / "last.json", self.last)
         self._report_fn(document)
 
-
-def _command_id(command: UpdateCommand | RollbackCommand) -> str:
-    return command.update_id if isinstance(command, UpdateCommand) else command.command_id
-
-
-def _older(version: str, than: str) -> bool:
-    """Whether `version` precedes `than` (PEP 440 order; versions that do not parse are
-    never called older: the command's own flag cannot be required for them)."""
-    try:
-        return Version(version) < Version(than)
-    except InvalidVersion:
-        return False
-
-
-def _identity(command: UpdateCommand | RollbackCommand) -> dict[str, str]:
-    if isinstance(command, UpdateCommand):
-        return {"type": "update", "update_id": command.update_id, "model": command.model,
-                "version": command.version}
-    return {"type": "rollback", "command_id": command.command_id, "model": command.model}

@@ -336,9 +336,14 @@ class ModelStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def clear_staging(self, name: str | None = None) -> None:
-        shutil.rmtree(self.root / ".staging" / name if name else self.root / ".staging",
-                      ignore_errors=True)
+    def clear_staging(self, name: str | None = None, *, keep: str | None = None) -> None:
+        """Remove one scratch directory, or all of them but `keep` (an update to resume)."""
+        if name is not None:
+            shutil.rmtree(self.root / ".staging" / name, ignore_errors=True)
+            return
+        for path in (self.root / ".staging").glob("*"):
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- internals -------------------------------------------------------------------
     def _state_path(self, model: str) -> Path:

@@ -362,17 +362,75 @@ def test_rollback_command_serves_the_previous_version_again(device, operator, sh
 
 @pytest.mark.parametrize("step", ["accepted", "downloading", "downloaded", "unpacked",
                                   "prepared", "validated", "installed"])
-def test_sigkill_before_activation_leaves_the_old_model_serving(device, operator, short_tmp,
-                                                                 step):
+def test_sigkill_before_activation_resumes_the_update_after_the_restart(device, operator,
+                                                                        short_tmp, step):
     daemon = device(env={FAILPOINT_ENV: f"ota:{step}"})
     command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE, chunk_size=1024)
     assert daemon.process.wait(30) == -signal.SIGKILL
     daemon = device()
-    interrupted = operator.wait_state(DEVICE, command.update_id, "interrupted", timeout=30)
-    assert "tiny@1.0 serves" in interrupted["detail"]
-    assert _version(daemon) == "1.0"
+    done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", "interrupted",
+                               timeout=60)
+    assert done["state"] == "confirmed", operator.progress(DEVICE, command.update_id)
+    resumed = [d for d in operator.progress(DEVICE, command.update_id)
+               if "resumed after a restart (try 2 of 3)" in d.get("detail", "")]
+    assert [d["state"] for d in resumed] == ["accepted"]
+    assert _version(daemon) == "2.0"
     staging = short_tmp / "state" / "models" / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), "staging left behind"
+
+
+def _start_and_see_it_killed(device, env: dict) -> None:
+    """Start a daemon whose resumed update kills it (maybe before it answered a ping)."""
+    try:
+        daemon = device(env=env)
+    except RuntimeError as exc:  # died before its first answer
+        assert "exited with -9" in str(exc), exc
+        return
+    assert daemon.process.wait(30) == -signal.SIGKILL
+
+
+def test_an_update_that_kills_the_daemon_on_every_try_is_given_up_and_the_old_model_serves(
+        device, operator, short_tmp):
+    env = {FAILPOINT_ENV: "ota:validated"}  # as a model that crashes the process would
+    daemon = device(env=env)
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
+    assert daemon.process.wait(30) == -signal.SIGKILL
+    for _ in range(2):  # tries 2 and 3, each after a restart
+        _start_and_see_it_killed(device, env)
+    daemon = device(env=env)
+    interrupted = operator.wait_state(DEVICE, command.update_id, "interrupted", timeout=30)
+    assert "on each of 3 tries" in interrupted["detail"]
+    assert "tiny@1.0 serves" in interrupted["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_a_clean_stop_during_the_download_pauses_the_update_and_the_restart_finishes_it(
+        device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=1024)
+    data = archive.read_bytes()
+    count = len(command.delivery.chunk_sha256)
+    for index in range(count // 2):  # only half the chunks are on the broker yet
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         data[index * 1024:(index + 1) * 1024], retain=True)
+    operator.send(command)
+    operator.wait_state(DEVICE, command.update_id, "downloading")
+    time.sleep(1.0)
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.log
+    assert "paused at step downloading by the shutdown" in daemon.log
+    assert not {"failed", "interrupted"} & set(operator.states(DEVICE, command.update_id))
+    daemon = device()
+    for index in range(count // 2, count):
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         data[index * 1024:(index + 1) * 1024], retain=True)
+    done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", "interrupted",
+                               timeout=60)
+    assert done["state"] == "confirmed", operator.progress(DEVICE, command.update_id)
+    # a clean stop is not a try that died: the resumed run is try 1 again
+    assert any("resumed after a restart (try 1 of 3)" in d.get("detail", "")
+               for d in operator.progress(DEVICE, command.update_id))
+    assert _version(daemon) == "2.0"
 
 
 def test_sigkill_right_after_activation_keeps_the_new_model_on_probation(
