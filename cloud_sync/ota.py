@@ -167,9 +167,10 @@ class Updater:
         try:
             self._queue.put_nowait(command)
         except queue.Full:
-            self._report(command, OtaState.REJECTED, check="queue", detail=(
-                "too many commands queued; send it again, with a new id, once the current "
-                "update is done"))
+            digest = describe_unverified(payload)["command_sha256"]
+            self._report(command, OtaState.REJECTED, check="queue", command_sha256=digest,
+                         detail="too many commands queued; send it again, with a new id, "
+                                "once the current update is done")
 
     def _reject_unverified(self, payload: bytes, check: str, exc: UpdateRejected) -> None:
         """Report a command refused before it could be trusted, with what it claims."""
