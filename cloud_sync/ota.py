@@ -26,6 +26,7 @@ from cloud_sync.commands import (
     parse_command,
 )
 from cloud_sync.ota_settings import OtaSettings
+from cloud_sync.probation import Probation
 from cloud_sync.replay import CommandRefused, ReplayGuard
 from cloud_sync.signing import TrustedKeys, describe_unverified
 from runtime.daemon.model_host import ModelHealth, PipelineState
@@ -64,23 +65,6 @@ class Host(Protocol):
     def health(self, name: str, stall_s: float) -> ModelHealth: ...
 
 
-class _Probation:
-    """The version on probation, its counters when it started, and its deadline.
-    `command` is None when the journal was lost: the store alone says what to watch."""
-
-    def __init__(self, model: str, version: str, update_id: str | None,
-                 command: UpdateCommand | None, health: ModelHealth, until: float) -> None:
-        self.model, self.version, self.update_id = model, version, update_id
-        self.command = command
-        self.baseline = health
-        self.until = until
-
-    def fields(self) -> dict[str, Any]:
-        """How its reports are correlated when there is no command to report against."""
-        return {} if self.command is not None else {
-            "update_id": self.update_id, "model": self.model, "version": self.version}
-
-
 class Updater:
     def __init__(self, store: ModelStore, host: Host, trusted: TrustedKeys, *, device_id: str,
                  groups: tuple[str, ...], report: Callable[[dict[str, Any]], None],
@@ -97,7 +81,7 @@ class Updater:
         self._queue: queue.Queue[UpdateCommand | RollbackCommand] = queue.Queue(maxsize=16)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="sightline-ota", daemon=True)
-        self._probation: _Probation | None = None
+        self._probation: Probation | None = None
         self._attempts: dict[str, int] = {}  # update id -> this start's try (resumed ones)
         self._replay = ReplayGuard(self._dir / "seen.json")
         self.last: dict[str, Any] | None = read_json(self._dir / "last.json")
@@ -367,8 +351,8 @@ class Updater:
 
     # -- probation ---------------------------------------------------------------------
     def _watch(self, model: str, version: str, update_id: str | None,
-               command: UpdateCommand | None) -> _Probation:
-        return _Probation(model, version, update_id, command, self._health(model),
+               command: UpdateCommand | None) -> Probation:
+        return Probation(model, version, update_id, command, self._health(model),
                           time.monotonic() + self.settings.probation_s)
 
     def _health(self, model: str) -> ModelHealth:
@@ -380,22 +364,17 @@ class Updater:
             return
         model = probation.model
         health = self._health(model)
-        if health.state is PipelineState.STOPPED:  # shutting down: judge nothing
+        if health.state is PipelineState.STOPPED:  # shutting down: judge nothing, confirm nothing
             return
-        errors = health.errors - probation.baseline.errors
-        frames = errors + health.results - probation.baseline.results
-        stalled = health.state is PipelineState.STALLED
-        if stalled or (errors >= self.settings.probation_min_errors
-                       and errors >= self.settings.probation_error_share * frames):
-            reason = (f"its pipeline stalled (no turn for {self.settings.probation_stall_s:g} s"
-                      " or a thread died)" if stalled else f"{errors} of {frames} frames failed")
+        reason = probation.failure(health, self.settings)
+        if reason is not None:
             detail = f"{model}@{probation.version} rolled back during probation: {reason}"
             previous, target = self._store.rollback(model, reason=detail)
             self._serve_active(model)
             detail = f"{model}@{previous} rolled back to {target} during probation: {reason}"
             log.error("%s", detail)
             self._end_probation(model, OtaState.ROLLED_BACK, detail)
-        elif time.monotonic() >= probation.until:
+        elif probation.served_out(time.monotonic()):
             self._confirm()
 
     def _confirm(self) -> None:

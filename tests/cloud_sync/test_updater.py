@@ -16,6 +16,7 @@ import pytest
 
 from cloud_sync.commands import RollbackCommand
 from cloud_sync.ota import OtaSettings, Updater
+from cloud_sync.probation import Probation
 from cloud_sync.push import make_update, package_bundle
 from cloud_sync.signing import TrustedKeys, generate_signing_key, load_private_key, sign
 from runtime.daemon.model_host import ModelHealth, PipelineState
@@ -313,3 +314,18 @@ def test_a_crash_between_confirm_and_the_journal_removal_reports_confirmed(setup
     assert [(r["state"], r.get("detail")) for r in again] == [
         ("confirmed", "confirmed before the restart")]
     assert not journal.exists()
+
+
+@pytest.mark.parametrize("state, results, errors, fails", [
+    (PipelineState.SERVING, 0, 0, None),  # idle: no client, no frame
+    (PipelineState.SERVING, 100, 4, None),  # under probation_min_errors
+    (PipelineState.SERVING, 100, 10, None),  # 10 of 110: under the 20% share
+    (PipelineState.SERVING, 10, 8, "8 of 18 frames failed"),
+    (PipelineState.STALLED, 0, 0, "its pipeline stalled"),
+    (PipelineState.STOPPED, 0, 50, None),  # shutting down: never judged
+])
+def test_probation_fails_only_on_a_stall_or_too_many_errors(state, results, errors, fails):
+    probation = Probation("tiny", "2.0", "u", None, ModelHealth(PipelineState.SERVING, 0, 0),
+                          until=0.0)
+    reason = probation.failure(ModelHealth(state, results, errors), OtaSettings())
+    assert (reason is None) if fails is None else (fails in reason)
