@@ -52,7 +52,7 @@ from cloud_sync.push import RolloutError, package_bundle, resolve_targets, rollo
 from cloud_sync.signing import TrustedKeys, generate_signing_key, load_private_key
 from cloud_sync.telemetry import TelemetryPublisher
 from cloud_sync.topics import Channel, TopicError, parse_topic
-from runtime.daemon.model_host import ModelHealth
+from runtime.daemon.model_host import ModelHealth, PipelineState
 from runtime.models.bundle import Bundle
 from runtime.models.store import ModelStore
 from runtime.models.validation import sample_feeds
@@ -262,8 +262,9 @@ class SimHost:
             self._serving[bundle.name] = bundle.version
             self.swaps += 1
 
-    def health(self, name: str) -> ModelHealth:
-        return ModelHealth(True, int((time.monotonic() - self._since) * self._fps), 0)
+    def health(self, name: str, stall_s: float = 5.0) -> ModelHealth:
+        return ModelHealth(PipelineState.SERVING,
+                           int((time.monotonic() - self._since) * self._fps), 0)
 
     def snapshot(self) -> dict[str, Any]:
         """A tiny telemetry snapshot in the daemon's shape (fps, models with latency)."""

@@ -112,9 +112,12 @@ def keys_gen(name: str, directory: str) -> None:
               help="Give up on devices that have not finished by then.")
 @click.option("--keep-chunks", is_flag=True,
               help="Leave the retained chunks on the broker (for devices offline now).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Let devices install a version older than the one they serve, or one "
+                   "they already moved on from (refused otherwise).")
 @_broker_options
 def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms, atol, rtol,
-         no_reference, timeout_s, keep_chunks, **broker) -> None:
+         no_reference, timeout_s, keep_chunks, allow_downgrade, **broker) -> None:
     """Sign a bundle update and roll it out, following every device's progress.
 
     BUNDLE is a bundle directory or .sightline archive (or 'centerface').
@@ -161,7 +164,8 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
                     canaries=canary_devices, soak_s=soak_s, timeout_s=timeout_s, url=url,
                     chunk_size=chunk_size, latency_budget_ms=budget_ms,
                     tolerance=None if no_reference else Tolerance(atol=atol, rtol=rtol),
-                    keep_chunks=keep_chunks, on_event=lambda line: console.print(
+                    keep_chunks=keep_chunks, allow_downgrade=allow_downgrade,
+                    on_event=lambda line: console.print(
                         line, highlight=False, markup=False))
             except RolloutError as exc:
                 console.print(f"[bold red]rollout stopped:[/] {exc}")

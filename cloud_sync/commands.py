@@ -11,6 +11,7 @@ import time
 from enum import Enum
 from typing import Annotated, Any, Literal
 
+from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sync.topics import (
@@ -54,8 +55,7 @@ class Tolerance(_Strict):
 class _Targets(_Strict):
     devices: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
-    issued_at: float = Field(default_factory=time.time)
-
+    issued_at: float = Field(default_factory=time.time)  # Unix s; replay protection
     @field_validator("devices")
     @classmethod
     def _devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -83,6 +83,9 @@ class UpdateCommand(_Targets):
     # at most this long (median of a few runs) and match the references within tolerance.
     latency_budget_ms: float | None = Field(default=None, gt=0)
     reference: Tolerance | None = None
+    # A version older than the one serving is refused unless the command says so: a
+    # captured update to a version later found bad cannot be used to go back to it.
+    allow_downgrade: bool = False
 
     @field_validator("update_id")
     @classmethod
@@ -105,7 +108,13 @@ class _CommandDocument(_Strict):
 
 
 def parse_command(document: dict[str, Any]) -> UpdateCommand | RollbackCommand:
-    """Validate a verified payload; UpdateRejected naming the bad fields otherwise."""
+    """Validate a verified payload; UpdateRejected naming the bad fields otherwise.
+
+    `issued_at` must be in the signed payload: replay protection rests on it."""
+    if "issued_at" not in document:
+        raise UpdateRejected("invalid OTA command: issued_at: Field required (Unix time the "
+                             "command was signed; commands older than the device's "
+                             "ota.max_command_age_s are refused)")
     try:
         return _CommandDocument.model_validate({"command": document}).command
     except ValidationError as exc:
@@ -129,7 +138,7 @@ class OtaState(str, Enum):
     REJECTED = "rejected"  # refused before anything was fetched
     FAILED = "failed"  # a step failed; the previous model never stopped serving
     ROLLED_BACK = "rolled_back"  # was active, now the previous version serves again
-    INTERRUPTED = "interrupted"  # the daemon restarted mid-update; the update was dropped
+    INTERRUPTED = "interrupted"  # the daemon died during it on every try; dropped
     CURRENT = "current"  # this version is already active: nothing to do
 
 
@@ -138,3 +147,25 @@ SUCCEEDED = frozenset({OtaState.CONFIRMED.value, OtaState.CURRENT.value})
 UNSUCCESSFUL = frozenset({OtaState.REJECTED.value, OtaState.FAILED.value,
                           OtaState.ROLLED_BACK.value, OtaState.INTERRUPTED.value})
 TERMINAL = SUCCEEDED | UNSUCCESSFUL
+
+
+def command_id(command: UpdateCommand | RollbackCommand) -> str:
+    """The id replay protection keys on: an update's update_id, a rollback's command_id."""
+    return command.update_id if isinstance(command, UpdateCommand) else command.command_id
+
+
+def is_older_version(version: str, than: str) -> bool:
+    """Whether `version` precedes `than` (PEP 440 order; versions that do not parse are
+    never called older: the command's own flag cannot be required for them)."""
+    try:
+        return Version(version) < Version(than)
+    except InvalidVersion:
+        return False
+
+
+def command_identity(command: UpdateCommand | RollbackCommand) -> dict[str, str]:
+    """The ids that say which command a report is about (a replay's `replay_of`)."""
+    if isinstance(command, UpdateCommand):
+        return {"type": "update", "update_id": command.update_id, "model": command.model,
+                "version": command.version}
+    return {"type": "rollback", "command_id": command.command_id, "model": command.model}

@@ -9,47 +9,43 @@ after a restart `start()` reports where the interrupted update stopped.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from cloud_sync.commands import OtaState, RollbackCommand, UpdateCommand, parse_command
-from cloud_sync.signing import TrustedKeys
-from runtime.daemon.model_host import ModelHealth
+from cloud_sync.commands import (
+    OtaState,
+    RollbackCommand,
+    UpdateCommand,
+    command_id,
+    command_identity,
+    is_older_version,
+    parse_command,
+)
+from cloud_sync.ota_settings import OtaSettings
+from cloud_sync.probation import Probation
+from cloud_sync.replay import CommandRefused, ReplayGuard
+from cloud_sync.signing import TrustedKeys, describe_unverified
+from runtime.daemon.model_host import ModelHealth, PipelineState
 from runtime.engines import Engine
 from runtime.errors import SightlineError, UpdateRejected
-from runtime.models.bundle import MAX_UNPACKED_BYTES, Bundle, sha256_file, unpack_archive
+from runtime.failpoints import FAILPOINT_ENV, failpoint
+from runtime.models.bundle import Bundle, sha256_file, unpack_archive
 from runtime.models.store import ModelStore, StoreEvent, read_json, write_json_atomic
 from runtime.models.validation import validate_engine
 
 log = logging.getLogger(__name__)
-FAILPOINT_ENV = "SIGHTLINE_FAILPOINT"
+__all__ = ["FAILPOINT_ENV", "OtaSettings", "Updater"]
+# Starts of one update before it is given up: a restart before activation resumes it,
+# unless the update itself keeps killing the daemon (then the old version serves).
+MAX_ATTEMPTS = 3
 
 
-class OtaSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # A new version serves "on probation" this long; errors or restarts meanwhile roll it back.
-    probation_s: float = Field(default=60.0, ge=0)
-    # Restarts during probation before it is a crash loop (then the previous version serves).
-    max_boots: int = Field(default=2, ge=0)
-    keep_versions: int = Field(default=3, ge=1)
-    max_bundle_bytes: int = Field(default=MAX_UNPACKED_BYTES, gt=0)
-    stall_timeout_s: float = Field(default=60.0, gt=0)
-    # CA bundle for https:// deliveries from a private CA (default: the system's).
-    http_ca_file: Path | None = None
-    validation_runs: int = Field(default=5, ge=1)
-    # During probation: roll back when at least this many frames failed and they are at
-    # least this share of the frames served.
-    probation_min_errors: int = Field(default=5, ge=1)
-    probation_error_share: float = Field(default=0.2, gt=0, le=1)
+class _Paused(SightlineError):
+    """The daemon is stopping: the update stops between two steps and resumes on restart."""
 
 
 class Delivery(Protocol):
@@ -66,21 +62,7 @@ class Host(Protocol):
 
     def swap(self, bundle: Bundle, engine: Engine) -> None: ...
 
-    def health(self, name: str) -> ModelHealth: ...
-
-
-def failpoint(name: str) -> None:
-    """Die here, as by power loss, when SIGHTLINE_FAILPOINT names this point (tests)."""
-    if os.environ.get(FAILPOINT_ENV) == name:
-        log.warning("failpoint %s: killing this process", name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _Probation:
-    def __init__(self, command: UpdateCommand, health: ModelHealth, until: float) -> None:
-        self.command = command
-        self.baseline = health
-        self.until = until
+    def health(self, name: str, stall_s: float) -> ModelHealth: ...
 
 
 class Updater:
@@ -99,7 +81,9 @@ class Updater:
         self._queue: queue.Queue[UpdateCommand | RollbackCommand] = queue.Queue(maxsize=16)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="sightline-ota", daemon=True)
-        self._probation: _Probation | None = None
+        self._probation: Probation | None = None
+        self._attempts: dict[str, int] = {}  # update id -> this start's try (resumed ones)
+        self._replay = ReplayGuard(self._dir / "seen.json")
         self.last: dict[str, Any] | None = read_json(self._dir / "last.json")
 
     # -- lifecycle -------------------------------------------------------------------
@@ -109,30 +93,77 @@ class Updater:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop taking commands and watching probation. A probation in progress is paused,
+        not judged: the store marks the stop clean (no crash-loop count) and the next start
+        runs the probation again."""
+        if self._stop.is_set():
+            return  # stopped already (sightline serve stops the agent twice, to be sure)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)
+            if self._thread.is_alive():
+                log.error("the OTA thread is still busy after 10 s; stopping without it")
+        if self._probation is not None and not self._thread.is_alive():
+            probation = self._probation
+            self._store.stopped_cleanly()
+            log.info("%s@%s stays active; its probation starts again after the restart",
+                     probation.model, probation.version)
 
     # -- called from the MQTT link's downlink thread ------------------------------------
     def handle_command(self, payload: bytes) -> None:
-        """Verify and queue a command; a refused one is reported, never raised."""
+        """Verify and queue a command; a refused one is reported, never raised.
+
+        Order: signature, schema, addressing (a command for others is ignored, silently),
+        then age and replay; an accepted id is persisted before the command is queued."""
         try:
-            command = parse_command(self._trusted.verify(payload))
+            document = self._trusted.verify(payload)
         except UpdateRejected as exc:
-            log.error("OTA command rejected: %s", exc)
-            self._report(None, OtaState.REJECTED, detail=str(exc))
+            self._reject_unverified(payload, "signature", exc)
+            return
+        try:
+            command = parse_command(document)
+        except UpdateRejected as exc:
+            self._reject_unverified(payload, "schema", exc)
             return
         if not command.addresses(self._device_id, self._groups):
-            log.info("OTA command %s is not addressed to this device", _command_id(command))
+            log.info("OTA command %s is not addressed to this device", command_id(command))
             return
-        if isinstance(command, UpdateCommand) and command.update_id in self._seen():
-            log.info("update %s was handled already (a re-sent command)", command.update_id)
+        try:
+            self._replay.check(command_id(command), command.issued_at,
+                               max_age_s=self.settings.max_command_age_s,
+                               max_skew_s=self.settings.max_clock_skew_s)
+        except CommandRefused as exc:
+            log.error("OTA command %s rejected: %s", command_id(command), exc)
+            digest = describe_unverified(payload)["command_sha256"]
+            if exc.check == "replay":
+                # Not a step of that update: without its update_id at the top, whoever
+                # follows the update (push, fleet) keeps its real outcome. A staged push
+                # re-sends the same update to a group its canaries are in, too.
+                self._report(None, OtaState.REJECTED, keep_last=True, detail=str(exc),
+                             check=exc.check, command_sha256=digest,
+                             replay_of=command_identity(command))
+            else:
+                self._report(command, OtaState.REJECTED, detail=str(exc), check=exc.check,
+                             command_sha256=digest)
             return
+        self._replay.remember(command_id(command), command.issued_at, keep_s=(
+            self.settings.max_command_age_s + 2 * self.settings.max_clock_skew_s))
         try:
             self._queue.put_nowait(command)
         except queue.Full:
-            self._report(command, OtaState.REJECTED, detail="too many commands queued; "
-                         "send it again once the current update is done")
+            digest = describe_unverified(payload)["command_sha256"]
+            self._report(command, OtaState.REJECTED, check="queue", command_sha256=digest,
+                         detail="too many commands queued; send it again, with a new id, "
+                                "once the current update is done")
+
+    def _reject_unverified(self, payload: bytes, check: str, exc: UpdateRejected) -> None:
+        """Report a command refused before it could be trusted, with what it claims."""
+        summary = describe_unverified(payload)
+        claimed = summary.get("unverified", {})
+        claimed_id = claimed.get("update_id") or claimed.get("command_id") or "-"
+        log.error("OTA command rejected (unverified id %r, sha256 %s): %s", claimed_id,
+                  summary["command_sha256"][:16], exc)
+        self._report(None, OtaState.REJECTED, detail=str(exc), check=check, **summary)
 
     def status_fields(self) -> dict[str, Any]:
         """For the retained status document: what serves, what can be rolled back to."""
@@ -140,7 +171,7 @@ class Updater:
         for name, version in self._host.serving().items():
             state = self._store.state(name)
             models[name] = {"version": version,
-                            "previous": state.history[-1] if state and state.history else None,
+                            "previous": state.previous if state else None,
                             "probation": bool(state and state.probation)}
         return {"groups": list(self._groups), "models": models, "ota": self.last}
 
@@ -154,26 +185,32 @@ class Updater:
                 continue
             try:
                 if isinstance(command, UpdateCommand):
-                    self._remember(command.update_id)
                     self._run_update(command)
                 else:
                     self._run_rollback(command)
             except Exception as exc:  # the OTA thread must outlive any bug in one update
-                log.exception("OTA command %s failed unexpectedly", _command_id(command))
+                log.exception("OTA command %s failed unexpectedly", command_id(command))
                 self._report(command, OtaState.FAILED, detail=f"internal error: {exc}")
             self._check_probation()
 
     def _run_update(self, command: UpdateCommand) -> None:
         serving = self._host.serving()
         if command.model not in serving:
-            self._report(command, OtaState.REJECTED, detail=(
+            self._report(command, OtaState.REJECTED, check="model", detail=(
                 f"this daemon serves {', '.join(serving)}, not {command.model!r}"))
             return
         if serving[command.model] == command.version:
             self._report(command, OtaState.CURRENT, detail="this version already serves")
             return
+        back = self._going_back(command, serving[command.model])
+        if back and not command.allow_downgrade:
+            self._report(command, OtaState.REJECTED, check="downgrade", detail=(
+                f"{command.model}@{command.version} {back}; a downgrade must say so "
+                "(allow_downgrade: true, `sightline push --allow-downgrade`), or use a "
+                "rollback command"))
+            return
         if command.size > self.settings.max_bundle_bytes:
-            self._report(command, OtaState.REJECTED, detail=(
+            self._report(command, OtaState.REJECTED, check="size", detail=(
                 f"bundle of {command.size} bytes exceeds the limit of "
                 f"{self.settings.max_bundle_bytes} (ota.max_bundle_bytes)"))
             return
@@ -182,9 +219,12 @@ class Updater:
         staging = self._store.staging_dir(command.update_id)
         engine: Engine | None = None
         step = OtaState.ACCEPTED
-        activated = False
+        activated = paused = False
+        attempt = self._attempts.get(command.update_id, 1)
         try:
-            self._step(command, step)
+            self._step(command, step, **({"detail": (
+                f"resumed after a restart (try {attempt} of {MAX_ATTEMPTS})")}
+                if command.update_id in self._attempts else {}))
             step = OtaState.DOWNLOADING
             self._step(command, step, percent=0)
             self._download(command, staging / "bundle.sightline")
@@ -212,26 +252,47 @@ class Updater:
             self._host.warm_up(bundle, engine)
             target = self._store.install(bundle.directory, command.model, command.version)
             failpoint("ota:installed")
-            self._store.activate(command.model, command.version)  # the commit point
+            self._store.activate(command.model, command.version,  # the commit point
+                                 update_id=command.update_id)
             activated = True
             self._host.swap(Bundle(target, bundle.manifest), engine)
             engine = None  # the pipeline owns it now
-            self._probation = _Probation(command, self._host.health(command.model),
-                                         time.monotonic() + self.settings.probation_s)
+            self._probation = self._watch(command.model, command.version, command.update_id,
+                                          command)
             step = OtaState.ACTIVE
             self._step(command, step, detail=f"serving; probation {self.settings.probation_s:g} s")
         except SightlineError as exc:
             if engine is not None:
                 engine.close()
+            if self._stop.is_set() and not activated:  # shutting down, not failing
+                paused = True
+                # a clean stop is not a try that died: the restart gets this try again
+                self._write_journal(command, step, attempt - 1)
+                log.info("update %s paused at step %s by the shutdown; it resumes after the "
+                         "restart", command.update_id, step.value)
+                return
             detail = f"{step.value}: {exc}"
             if activated:  # the swap itself failed: the store must not keep the new version
-                self._store.rollback(command.model)
+                self._store.rollback(command.model, reason=f"the swap failed: {exc}")
             log.error("update %s failed at %s; %s@%s keeps serving", command.update_id,
                       step.value, command.model, self._host.serving().get(command.model))
             self._report(command, OtaState.FAILED, detail=detail)
             self._clear_journal()
         finally:
-            self._store.clear_staging(command.update_id)
+            if not paused:  # a paused download resumes from what is on disk
+                self._store.clear_staging(command.update_id)
+
+    def _going_back(self, command: UpdateCommand, serving: str) -> str | None:
+        """Why this update is a downgrade (None if it is not): an older version than the
+        one serving, or one this device already moved on from (good or rejected)."""
+        if is_older_version(command.version, serving):
+            return f"is older than the serving {serving}"
+        state = self._store.state(command.model)
+        record = state.record(command.version) if state is not None else None
+        if record is not None:
+            return (f"was {record.status.value} on this device"
+                    + (f" ({record.reason})" if record.reason else ""))
+        return None
 
     def _download(self, command: UpdateCommand, archive: Path) -> None:
         delivery = self._deliveries.get(command.delivery.method)
@@ -270,7 +331,9 @@ class Updater:
 
     def _run_rollback(self, command: RollbackCommand) -> None:
         try:
-            previous, target = self._store.rollback(command.model, command.to_version)
+            previous, target = self._store.rollback(
+                command.model, command.to_version,
+                reason=f"rolled back by command {command.command_id}")
         except SightlineError as exc:
             self._report(command, OtaState.FAILED, detail=str(exc))
             return
@@ -287,93 +350,124 @@ class Updater:
         self._host.swap(bundle, engine)
 
     # -- probation ---------------------------------------------------------------------
+    def _watch(self, model: str, version: str, update_id: str | None,
+               command: UpdateCommand | None) -> Probation:
+        return Probation(model, version, update_id, command, self._health(model),
+                          time.monotonic() + self.settings.probation_s)
+
+    def _health(self, model: str) -> ModelHealth:
+        return self._host.health(model, self.settings.probation_stall_s)
+
     def _check_probation(self) -> None:
         probation = self._probation
-        if probation is None:
+        if probation is None or self._stop.is_set():
             return
-        model = probation.command.model
-        health = self._host.health(model)
-        errors = health.errors - probation.baseline.errors
-        frames = errors + health.results - probation.baseline.results
-        if not health.healthy or (errors >= self.settings.probation_min_errors
-                                  and errors >= self.settings.probation_error_share * frames):
-            reason = ("its pipeline stalled" if not health.healthy
-                      else f"{errors} of {frames} frames failed")
-            previous, target = self._store.rollback(model)
+        model = probation.model
+        health = self._health(model)
+        if health.state is PipelineState.STOPPED:  # shutting down: judge nothing, confirm nothing
+            return
+        reason = probation.failure(health, self.settings)
+        if reason is not None:
+            detail = f"{model}@{probation.version} rolled back during probation: {reason}"
+            previous, target = self._store.rollback(model, reason=detail)
             self._serve_active(model)
             detail = f"{model}@{previous} rolled back to {target} during probation: {reason}"
             log.error("%s", detail)
             self._end_probation(model, OtaState.ROLLED_BACK, detail)
-        elif time.monotonic() >= probation.until:
+        elif probation.served_out(time.monotonic()):
             self._confirm()
 
     def _confirm(self) -> None:
         probation, self._probation = self._probation, None
         if probation is None:
             return
-        self._store.confirm(probation.command.model)
+        self._store.confirm(probation.model)
         self._report(probation.command, OtaState.CONFIRMED,
-                     detail=f"healthy for {self.settings.probation_s:g} s")
+                     detail=f"healthy for {self.settings.probation_s:g} s", **probation.fields())
         self._clear_journal()
 
     def _end_probation(self, model: str, state: OtaState, detail: str) -> None:
         probation = self._probation
-        if probation is not None and probation.command.model == model:
+        if probation is not None and probation.model == model:
             self._probation = None
-            self._report(probation.command, state, detail=detail)
+            self._report(probation.command, state, detail=detail, **probation.fields())
             self._clear_journal()
 
     # -- restart recovery ------------------------------------------------------------
     def _recover(self, boot_events: list[StoreEvent]) -> None:
+        """Report crash-loop rollbacks and interrupted updates; resume every probation the
+        store records (the journal, when there is one, says which command it was)."""
         journal = read_json(self._dir / "inflight.json")
-        rolled_back = {event.model: event for event in boot_events}
-        if journal is None:
-            for event in boot_events:
-                self._report(None, OtaState.ROLLED_BACK, detail=event.detail,
-                             model=event.model, version=event.to_version)
-            self._store.clear_staging()
-            return
-        command = parse_command(journal["command"])
-        step = journal.get("state", "?")
-        state = self._store.state(command.model)
-        if command.model in rolled_back:
-            self._report(command, OtaState.ROLLED_BACK, detail=rolled_back[command.model].detail)
-            self._clear_journal()
-        elif (state is not None and state.active == command.version
-              and state.probation is not None):
-            self._probation = _Probation(command, self._host.health(command.model),
-                                         time.monotonic() + self.settings.probation_s)
-            self._report(command, OtaState.ACTIVE, detail=(
+        command = parse_command(journal["command"]) if journal is not None else None
+        step = journal.get("state", "?") if journal is not None else None
+        for event in boot_events:
+            ours = isinstance(command, UpdateCommand) and command.model == event.model
+            self._report(command if ours else None, OtaState.ROLLED_BACK, detail=event.detail,
+                         **({} if ours else {"update_id": event.update_id,
+                                             "model": event.model,
+                                             "version": event.from_version}))
+            if ours:
+                command = None
+                self._clear_journal()
+        for model in self._store.models():
+            state = self._store.state(model)
+            if state is None or state.probation is None or model not in self._host.serving():
+                continue
+            probation = state.probation
+            ours = (isinstance(command, UpdateCommand) and command.model == model
+                    and command.version == state.active)
+            self._probation = self._watch(model, state.active, probation.update_id,
+                                          command if ours else None)
+            if ours:
+                command = None
+            self._report(self._probation.command, OtaState.ACTIVE, detail=(
                 f"the daemon restarted while this version was on probation (restart "
-                f"{state.probation.boots} of {self.settings.max_boots} allowed); probation "
-                "starts again"))
-        else:
+                f"{probation.boots} of {self.settings.max_boots} allowed; a clean stop does "
+                "not count); probation starts again"), **self._probation.fields())
+            break  # one probation at a time: a newer update confirms the older first
+        state = self._store.state(command.model) if command is not None else None
+        if (isinstance(command, UpdateCommand) and state is not None and step == "active"
+                and state.active == command.version and state.probation is None):
+            # died between the store's confirm and the journal's removal
+            self._report(command, OtaState.CONFIRMED, detail="confirmed before the restart")
+            self._clear_journal()
+        elif isinstance(command, UpdateCommand) and journal.get("attempt", 1) < MAX_ATTEMPTS:
+            # stopped before activation: run it again, from what is on disk
+            self._attempts[command.update_id] = journal.get("attempt", 1) + 1
+            log.info("update %s was interrupted during step %r; resuming it (try %d of %d)",
+                     command.update_id, step, self._attempts[command.update_id], MAX_ATTEMPTS)
+            self._queue.put_nowait(command)
+            self._store.clear_staging(keep=command.update_id)
+            return
+        elif command is not None:
             serving = self._host.serving().get(command.model)
             self._report(command, OtaState.INTERRUPTED, detail=(
-                f"the daemon stopped during step {step!r}; {command.model}@{serving} serves; "
-                "push the update again to retry"))
+                f"the daemon stopped during step {step!r} on each of {MAX_ATTEMPTS} tries; "
+                f"{command.model}@{serving} serves; push the update again (with a new id) "
+                "to retry"))
             self._clear_journal()
         self._store.clear_staging()
 
     # -- bookkeeping -----------------------------------------------------------------
     def _step(self, command: UpdateCommand, state: OtaState, **fields: Any) -> None:
-        write_json_atomic(self._dir / "inflight.json",
-                          {"command": command.model_dump(mode="json"), "state": state.value,
-                           "ts": time.time()})
+        if self._stop.is_set() and state is not OtaState.ACTIVE:
+            raise _Paused("the daemon is stopping")
+        self._write_journal(command, state, self._attempts.get(command.update_id, 1))
         self._report(command, state, **fields)
         failpoint(f"ota:{state.value}")
+
+    def _write_journal(self, command: UpdateCommand, state: OtaState, attempt: int) -> None:
+        write_json_atomic(self._dir / "inflight.json",
+                          {"command": command.model_dump(mode="json"), "state": state.value,
+                           "attempt": attempt, "ts": time.time()})
 
     def _clear_journal(self) -> None:
         (self._dir / "inflight.json").unlink(missing_ok=True)
 
-    def _seen(self) -> list[str]:
-        return read_json(self._dir / "seen.json") or []
-
-    def _remember(self, update_id: str) -> None:
-        write_json_atomic(self._dir / "seen.json", (self._seen() + [update_id])[-200:])
-
     def _report(self, command: UpdateCommand | RollbackCommand | None, state: OtaState,
-                **fields: Any) -> None:
+                keep_last: bool = False, **fields: Any) -> None:
+        """Publish a progress document. `keep_last`: not the new last outcome of the status
+        (a replayed command must not hide how the real update ended)."""
         document: dict[str, Any] = {"state": state.value, "ts": round(time.time(), 3)}
         if isinstance(command, UpdateCommand):
             document.update(update_id=command.update_id, model=command.model,
@@ -386,13 +480,10 @@ class Updater:
         except Exception:  # a report must never fail the step it reports
             log.exception("could not read what serves")
         if state is not OtaState.DOWNLOADING or document.get("percent") in (0, 100):
-            log.info("OTA %s: %s%s", document.get("update_id", "-"), state.value,
+            log.info("OTA %s: %s%s", document.get("update_id") or "(unverified)", state.value,
                      f" ({document['detail']})" if "detail" in document else "")
-        if state is not OtaState.DOWNLOADING:
+        if state is not OtaState.DOWNLOADING and not keep_last:
             self.last = {k: v for k, v in document.items() if k != "serving"}
             write_json_atomic(self._dir / "last.json", self.last)
         self._report_fn(document)
 
-
-def _command_id(command: UpdateCommand | RollbackCommand) -> str:
-    return command.update_id if isinstance(command, UpdateCommand) else command.command_id

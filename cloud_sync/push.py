@@ -72,7 +72,8 @@ def chunk_digests(archive: Path, chunk_size: int) -> list[str]:
 def make_update(archive: Path, *, url: str | None = None,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, update_id: str | None = None,
                 latency_budget_ms: float | None = None, tolerance: Tolerance | None = None,
-                devices: Iterable[str] = (), groups: Iterable[str] = ()) -> UpdateCommand:
+                devices: Iterable[str] = (), groups: Iterable[str] = (),
+                allow_downgrade: bool = False) -> UpdateCommand:
     bundle = Bundle.load(archive, unpack_root=archive.parent / "check")
     delivery = (HttpDownload(url=url) if url else
                 MqttChunks(chunk_size=chunk_size, chunk_sha256=tuple(chunk_digests(archive,
@@ -81,7 +82,8 @@ def make_update(archive: Path, *, url: str | None = None,
         update_id=update_id or f"{bundle.name}-{bundle.version}-{secrets.token_hex(3)}"[:64],
         model=bundle.name, version=bundle.version, sha256=sha256_file(archive),
         size=archive.stat().st_size, delivery=delivery, latency_budget_ms=latency_budget_ms,
-        reference=tolerance, devices=tuple(devices), groups=tuple(groups))
+        reference=tolerance, devices=tuple(devices), groups=tuple(groups),
+        allow_downgrade=allow_downgrade)
 
 
 def publish_chunks(client, command: UpdateCommand, archive: Path, publish: Callable,
@@ -177,6 +179,7 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
             timeout_s: float = 900.0, url: str | None = None,
             chunk_size: int = DEFAULT_CHUNK_SIZE, latency_budget_ms: float | None = None,
             tolerance: Tolerance | None = None, keep_chunks: bool = False,
+            allow_downgrade: bool = False,
             on_event: Callable[[str], None] = log.info) -> dict[str, dict]:
     """Publish the bundle and the signed command, canaries first; returns each device's
     final progress document. Raises RolloutError when a canary fails (the rest is then
@@ -186,7 +189,8 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
     command = make_update(archive, url=url, chunk_size=chunk_size,
                           latency_budget_ms=latency_budget_ms, tolerance=tolerance,
                           devices=canaries or targets.devices,
-                          groups=() if canaries else targets.groups)
+                          groups=() if canaries else targets.groups,
+                          allow_downgrade=allow_downgrade)
     on_event(f"update {command.update_id}: {command.model}@{command.version}, "
              f"{command.size} bytes, to {len(targets.members)} device(s)")
     if url is None:

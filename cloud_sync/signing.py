@@ -139,3 +139,27 @@ def sign(payload: Mapping[str, Any], private_key: Ed25519PrivateKey) -> dict[str
     signature = private_key.sign(text.encode())
     return {"payload": text, "key_id": key_id(private_key.public_key()),
             "signature": base64.b64encode(signature).decode()}
+
+
+def describe_unverified(raw: bytes) -> dict[str, Any]:
+    """What a refused command says about itself, for correlating the rejection: the
+    sha256 of the bytes received and, under `unverified`, the ids it claims (read without
+    trusting the signature; strings cut to 64 characters)."""
+    summary: dict[str, Any] = {"command_sha256": hashlib.sha256(raw).hexdigest()}
+    try:
+        envelope = json.loads(raw)
+        payload = json.loads(envelope["payload"]) if isinstance(envelope, dict) else None
+    except (ValueError, TypeError, KeyError):
+        return summary
+    claims: dict[str, Any] = {}
+    if isinstance(envelope.get("key_id"), str):
+        claims["key_id"] = envelope["key_id"][:64]
+    if isinstance(payload, dict):
+        for field in ("type", "update_id", "command_id", "model", "version", "to_version"):
+            if isinstance(payload.get(field), str):
+                claims[field] = payload[field][:64]
+        if isinstance(payload.get("issued_at"), (int, float)):
+            claims["issued_at"] = payload["issued_at"]
+    if claims:
+        summary["unverified"] = claims
+    return summary

@@ -132,10 +132,13 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
     print(f"sightline ready on {' '.join(bound)}", flush=True)
     notify_ready(f"serving {', '.join(server.pipelines)} on {' '.join(bound)}")
     try:
-        server.serve(stop, watchdog=Watchdog.from_environ())
+        # The agent stops before the pipelines: a pipeline shutting down must never look
+        # like a model failing its probation.
+        server.serve(stop, watchdog=Watchdog.from_environ(),
+                     before_close=agent.stop if agent is not None else None)
     finally:
         if agent is not None:
-            agent.stop()
+            agent.stop()  # again, in case serve() failed before its shutdown (idempotent)
         control_server.stop()
         if prometheus is not None:
             prometheus[0].shutdown()

@@ -6,22 +6,17 @@ for a swap, and reads health counters. The swap itself is ModelPipeline.swap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from runtime.daemon.health import STALL_S, ModelHealth, PipelineState
 from runtime.engines import Engine, EngineSettings, open_bundle_engine
 from runtime.errors import SightlineError
 from runtime.models.bundle import Bundle
 
+__all__ = ["STALL_S", "ModelHealth", "PipelineState", "ServerModelHost"]
+
 if TYPE_CHECKING:
     from runtime.daemon.server import Server
-
-
-@dataclass(frozen=True)
-class ModelHealth:
-    healthy: bool  # both pipeline threads alive and turning
-    results: int
-    errors: int
 
 
 class ServerModelHost:
@@ -49,7 +44,7 @@ class ServerModelHost:
                                  f"{', '.join(self._server.pipelines)}")
         pipeline.swap(bundle, engine)
 
-    def health(self, name: str) -> ModelHealth:
+    def health(self, name: str, stall_s: float = STALL_S) -> ModelHealth:
         pipeline = self._server.pipelines[name]
-        return ModelHealth(pipeline.healthy(), pipeline.counters.results,
+        return ModelHealth(pipeline.state(stall_s), pipeline.counters.results,
                            pipeline.counters.errors)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import zmq
 
+from runtime.daemon.health import STALL_S, PipelineState
 from runtime.daemon.inference import (
     FrameJob,
     LoadedModel,
@@ -160,11 +161,23 @@ class ModelPipeline:
         if self._spatial is not None:
             self._spatial.forget(client)  # racy with the spatial thread only for a gone client
 
-    def healthy(self, stall_s: float = 5.0) -> bool:
-        """Every thread alive and turning (a stuck engine call shows as a stale beat)."""
+    def state(self, stall_s: float = STALL_S) -> PipelineState:
+        """Serving, stalled or stopped. An idle pipeline (no clients) is serving: every
+        loop (inline: the I/O thread's) beats at least every POLL_S while it waits for
+        frames, so only a stuck engine call or a dead thread goes stale. Once stop() is
+        asked for, the answer is STOPPED whatever the threads do: shutting down says
+        nothing about the model."""
+        if self._stop.is_set():
+            return PipelineState.STOPPED
         now = time.monotonic()
-        return (all(t.is_alive() for t in self._threads)
-                and now - min(self._beats.values()) < stall_s)
+        if (all(t.is_alive() for t in self._threads)
+                and now - min(self._beats.values()) < stall_s):
+            return PipelineState.SERVING
+        return PipelineState.STALLED
+
+    def healthy(self, stall_s: float = STALL_S) -> bool:
+        """Both threads alive and turning (a stuck engine call shows as a stale beat)."""
+        return self.state(stall_s) is PipelineState.SERVING
 
     def start(self, warm_up_size: tuple[int, int] | None = (640, 480)) -> None:
         """Start the threads, after one inference on a blank frame of `warm_up_size`.

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -187,11 +188,14 @@ class Server:
     def healthy(self) -> bool:
         return all(p.healthy() for p in self._pipelines.values())
 
-    def serve(self, stop: threading.Event, watchdog: Watchdog | None = None) -> None:
+    def serve(self, stop: threading.Event, watchdog: Watchdog | None = None,
+              before_close: Callable[[], None] | None = None) -> None:
         """Run the I/O loop until `stop` is set, then shut everything down cleanly.
 
         With a systemd watchdog, it is pinged from this loop only while every pipeline
-        thread is alive and turning, so a hung daemon gets restarted.
+        thread is alive and turning, so a hung daemon gets restarted. `before_close` runs
+        after the loop and before the pipelines stop: what watches the pipelines (the OTA
+        probation) must be gone before they go quiet.
         """
         if self._router is None:
             self.bind()
@@ -217,7 +221,11 @@ class Server:
                 if watchdog is not None and self.healthy():
                     watchdog.ping_if_due()
         finally:
-            self.close()
+            try:
+                if before_close is not None:
+                    before_close()
+            finally:
+                self.close()
 
     def close(self) -> None:
         for pipeline in self._pipelines.values():

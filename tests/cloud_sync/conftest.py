@@ -140,6 +140,10 @@ class Observer:
         assert ok, f"timed out; received: {[(m.topic, m.payload[:80]) for m in snapshot]}"
         return snapshot
 
+    def everything(self) -> list[Received]:
+        with self._cond:
+            return list(self.messages)
+
     def on(self, topic: str) -> list[Received]:
         with self._cond:
             return [m for m in self.messages if m.topic == topic]

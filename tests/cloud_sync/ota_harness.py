@@ -114,3 +114,37 @@ def _matches(message, topic: str, update_id: str | None, states) -> bool:
 
 def frame_64() -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def hang_on_white_model(iterations: int = 10**8) -> onnx.ModelProto:
+    """image -> image, after a Loop of `iterations` turns when every pixel is white (1.0),
+    none otherwise: validates and warms up in no time (random and black frames), then hangs
+    in the engine, as a real model stuck on some input does, on the first white frame."""
+    white = helper.make_tensor("white", TensorProto.FLOAT, [], [0.99])
+    turns = helper.make_tensor("turns", TensorProto.INT64, [], [iterations])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["count_in", "one"], ["count_out"])],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    nodes = [
+        helper.make_node("ReduceMin", ["image"], ["darkest"], keepdims=0),
+        helper.make_node("Greater", ["darkest", "white"], ["is_white"]),
+        helper.make_node("Cast", ["is_white"], ["is_white_i"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["is_white_i", "turns"], ["trip"]),
+        helper.make_node("Loop", ["trip", "go", "zero"], ["count"], body=body),
+        helper.make_node("Mul", ["count", "zero"], ["nothing"]),
+        helper.make_node("Add", ["image", "nothing"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "hang", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                      [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [white, turns, helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -10,7 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from cloud_sync.topics import GROUPS, Channel, fleet_filter, parse_topic
 from runtime.models.bundle import Bundle, write_bundle
+from tests.cloud_sync.wire import assert_all_valid
 from tests.conftest import SIGHTLINE
 
 
@@ -24,7 +26,12 @@ def _new_version(bundle: Bundle, directory: Path, version: str) -> Bundle:
 
 
 def test_operator_pushes_a_signed_model_with_a_canary_and_the_fleet_follows(
-        broker, daemon_factory, centerface_bundle, short_tmp):
+        broker, daemon_factory, centerface_bundle, short_tmp, observer_factory):
+    # the cloud's view: every message of the walk-through must match docs/schemas/
+    cloud = observer_factory(broker.port, [
+        fleet_filter(Channel.STATUS), fleet_filter(Channel.TELEMETRY),
+        fleet_filter(Channel.OTA_PROGRESS), fleet_filter(Channel.OTA_COMMAND),
+        f"{GROUPS}/+/{Channel.OTA_COMMAND.value}"])
     keys = short_tmp / "signing"
     generated = _run("keys", "gen", "ops", "--dir", str(keys))
     assert generated.returncode == 0, generated.stderr
@@ -75,6 +82,11 @@ def test_operator_pushes_a_signed_model_with_a_canary_and_the_fleet_follows(
     after = _run("fleet", "--once", "2.5", *broker_flag)
     assert after.stdout.count("centerface@1.6.0") >= 2, after.stdout
     assert "confirmed" in after.stdout
+    seen = cloud.everything()
+    channels = {parse_topic(m.topic).channel for m in seen}
+    assert channels == {Channel.STATUS, Channel.TELEMETRY, Channel.OTA_PROGRESS,
+                        Channel.OTA_COMMAND}, channels
+    assert assert_all_valid(seen) > 10
 
 
 def test_push_to_an_unknown_target_says_what_the_broker_knows(broker, short_tmp):

@@ -12,27 +12,41 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cloud_sync.commands import MqttChunks, RollbackCommand, Tolerance, UpdateCommand
 from cloud_sync.ota import FAILPOINT_ENV
 from cloud_sync.push import chunk_digests, make_update
 from cloud_sync.signing import generate_signing_key, load_private_key, sign
-from cloud_sync.topics import Channel, chunk_topic, device_topics, fleet_filter
+from cloud_sync.topics import GROUPS, Channel, chunk_topic, device_topics, fleet_filter
 from runtime.client import Client
 from runtime.engines import open_engine
 from runtime.models.bundle import Bundle, pack_archive
 from runtime.models.validation import sample_feeds, write_sample
-from tests.cloud_sync.ota_harness import MODEL, Operator, frame_64, nan_model, tiny_bundle
+from tests.cloud_sync.ota_harness import (
+    MODEL,
+    Operator,
+    frame_64,
+    hang_on_white_model,
+    nan_model,
+    tiny_bundle,
+)
+from tests.cloud_sync.wire import assert_all_valid
 
 DEVICE = "edge-01"
 
 
 @pytest.fixture
 def operator(broker, observer_factory, short_tmp: Path) -> Operator:
-    observer = observer_factory(broker.port, [fleet_filter(Channel.OTA_PROGRESS),
-                                              fleet_filter(Channel.STATUS)])
-    return Operator(short_tmp / "ops", observer)
+    """The cloud side; it sees every message of the tree (chunks aside), and when the test
+    ends each one must validate against its schema in docs/schemas/."""
+    observer = observer_factory(broker.port, [
+        fleet_filter(Channel.OTA_PROGRESS), fleet_filter(Channel.STATUS),
+        fleet_filter(Channel.TELEMETRY), fleet_filter(Channel.OTA_COMMAND),
+        f"{GROUPS}/+/{Channel.OTA_COMMAND.value}"])
+    yield Operator(short_tmp / "ops", observer)
+    assert_all_valid(observer.everything())
 
 
 @pytest.fixture
@@ -62,6 +76,14 @@ def _version(daemon) -> str:
         reply = client.recv(timeout=10)
     assert reply is not None and reply.ok, reply
     return reply.message["model_version"]
+
+
+def _store_state(short_tmp: Path) -> dict:
+    return json.loads((short_tmp / "state" / "models" / MODEL / "state.json").read_text())
+
+
+def _statuses(state: dict) -> dict[str, str]:
+    return {r["version"]: r["status"] for r in state["versions"]}
 
 
 def test_signed_update_swaps_while_a_client_streams_and_no_frame_fails(
@@ -171,6 +193,8 @@ def test_tampered_command_with_a_wrong_signature_is_rejected(device, operator, s
                      json.dumps(envelope).encode())
     rejected = operator.wait_state(DEVICE, None, "rejected")
     assert "signature does not verify" in rejected["detail"]
+    assert rejected["unverified"]["update_id"] == command.update_id
+    assert rejected["unverified"]["version"] == "2.1" and "update_id" not in rejected
     assert _version(daemon) == "1.0"
 
 
@@ -331,21 +355,82 @@ def test_rollback_command_serves_the_previous_version_again(device, operator, sh
     done = operator.wait_state(DEVICE, "rb-1", "rolled_back", "failed")
     assert done["state"] == "rolled_back" and done["serving"][MODEL] == "1.0"
     _wait_serving(daemon, "1.0")
+    state = _store_state(short_tmp)
+    assert _statuses(state) == {"2.0": "rejected", "1.0": "active"}
+    assert state["versions"][0]["reason"] == "rolled back by command rb-1"
 
 
 @pytest.mark.parametrize("step", ["accepted", "downloading", "downloaded", "unpacked",
                                   "prepared", "validated", "installed"])
-def test_sigkill_before_activation_leaves_the_old_model_serving(device, operator, short_tmp,
-                                                                 step):
+def test_sigkill_before_activation_resumes_the_update_after_the_restart(device, operator,
+                                                                        short_tmp, step):
     daemon = device(env={FAILPOINT_ENV: f"ota:{step}"})
     command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE, chunk_size=1024)
     assert daemon.process.wait(30) == -signal.SIGKILL
     daemon = device()
-    interrupted = operator.wait_state(DEVICE, command.update_id, "interrupted", timeout=30)
-    assert "tiny@1.0 serves" in interrupted["detail"]
-    assert _version(daemon) == "1.0"
+    done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", "interrupted",
+                               timeout=60)
+    assert done["state"] == "confirmed", operator.progress(DEVICE, command.update_id)
+    resumed = [d for d in operator.progress(DEVICE, command.update_id)
+               if "resumed after a restart (try 2 of 3)" in d.get("detail", "")]
+    assert [d["state"] for d in resumed] == ["accepted"]
+    assert _version(daemon) == "2.0"
     staging = short_tmp / "state" / "models" / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), "staging left behind"
+
+
+def _start_and_see_it_killed(device, env: dict) -> None:
+    """Start a daemon whose resumed update kills it (maybe before it answered a ping)."""
+    try:
+        daemon = device(env=env)
+    except RuntimeError as exc:  # died before its first answer
+        assert "exited with -9" in str(exc), exc
+        return
+    assert daemon.process.wait(30) == -signal.SIGKILL
+
+
+def test_an_update_that_kills_the_daemon_on_every_try_is_given_up_and_the_old_model_serves(
+        device, operator, short_tmp):
+    env = {FAILPOINT_ENV: "ota:validated"}  # as a model that crashes the process would
+    daemon = device(env=env)
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
+    assert daemon.process.wait(30) == -signal.SIGKILL
+    for _ in range(2):  # tries 2 and 3, each after a restart
+        _start_and_see_it_killed(device, env)
+    daemon = device(env=env)
+    interrupted = operator.wait_state(DEVICE, command.update_id, "interrupted", timeout=30)
+    assert "on each of 3 tries" in interrupted["detail"]
+    assert "tiny@1.0 serves" in interrupted["detail"]
+    assert _version(daemon) == "1.0"
+
+
+def test_a_clean_stop_during_the_download_pauses_the_update_and_the_restart_finishes_it(
+        device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=1024)
+    data = archive.read_bytes()
+    count = len(command.delivery.chunk_sha256)
+    for index in range(count // 2):  # only half the chunks are on the broker yet
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         data[index * 1024:(index + 1) * 1024], retain=True)
+    operator.send(command)
+    operator.wait_state(DEVICE, command.update_id, "downloading")
+    time.sleep(1.0)
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.log
+    assert "paused at step downloading by the shutdown" in daemon.log
+    assert not {"failed", "interrupted"} & set(operator.states(DEVICE, command.update_id))
+    daemon = device()
+    for index in range(count // 2, count):
+        operator.publish(operator.client, chunk_topic(command.update_id, index),
+                         data[index * 1024:(index + 1) * 1024], retain=True)
+    done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", "interrupted",
+                               timeout=60)
+    assert done["state"] == "confirmed", operator.progress(DEVICE, command.update_id)
+    # a clean stop is not a try that died: the resumed run is try 1 again
+    assert any("resumed after a restart (try 1 of 3)" in d.get("detail", "")
+               for d in operator.progress(DEVICE, command.update_id))
+    assert _version(daemon) == "2.0"
 
 
 def test_sigkill_right_after_activation_keeps_the_new_model_on_probation(
@@ -359,6 +444,109 @@ def test_sigkill_right_after_activation_keeps_the_new_model_on_probation(
         resumed["serving"][MODEL] == "2.0"
     operator.wait_state(DEVICE, command.update_id, "confirmed", timeout=30)
     assert _version(daemon) == "2.0"
+
+
+def _wait_resumed(operator: Operator, update_id: str, timeout: float = 30.0) -> dict:
+    """The `active` a restarted daemon reports when it resumes a probation."""
+    topic = device_topics(DEVICE).ota_progress
+
+    def resumed(message) -> bool:
+        document = json.loads(message.payload)
+        return (message.topic == topic and document.get("update_id") == update_id
+                and document.get("state") == "active"
+                and "probation starts again" in document.get("detail", ""))
+
+    messages = operator.observer.wait_for(lambda ms: any(map(resumed, ms)), timeout)
+    return json.loads(next(m for m in messages if resumed(m)).payload)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_restart_during_probation_keeps_the_update_resumes_and_confirms_it(
+        device, operator, short_tmp, sig):
+    daemon = device(probation_s=60)
+    command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
+    operator.wait_state(DEVICE, command.update_id, "active")
+    time.sleep(3)  # the issue's window: 3-13 s after active, no client connected
+    assert daemon.stop(sig) == (0 if sig == signal.SIGTERM else -signal.SIGKILL), daemon.log
+    assert "rolled back" not in daemon.log, daemon.log
+    if sig == signal.SIGTERM:
+        assert "stopped cleanly" in daemon.log
+    state = _store_state(short_tmp)
+    assert state["active"] == "2.0" and state["probation"]["version"] == "2.0"
+    assert state["probation"]["stopped_cleanly"] is (sig == signal.SIGTERM)
+    assert "rolled_back" not in operator.states(DEVICE, command.update_id)
+
+    daemon = device(probation_s=2)
+    resumed = _wait_resumed(operator, command.update_id)
+    # a clean stop is no crash: it does not count towards the crash loop
+    restarts = 0 if sig == signal.SIGTERM else 1
+    assert f"restart {restarts} of 2 allowed" in resumed["detail"]
+    assert resumed["serving"] == {MODEL: "2.0"}
+    done = operator.wait_state(DEVICE, command.update_id, "confirmed", "rolled_back")
+    assert done["state"] == "confirmed", operator.progress(DEVICE, command.update_id)
+    assert _version(daemon) == "2.0"
+    state = _store_state(short_tmp)
+    assert state["probation"] is None and _statuses(state) == {"1.0": "good", "2.0": "active"}
+
+
+def test_a_model_that_hangs_in_the_engine_during_probation_is_rolled_back_as_stalled(
+        device, operator, short_tmp):
+    daemon = device(probation_s=60, ota="probation_stall_s = 1.5\n")
+    hang = tiny_bundle(short_tmp / "v2", "2.0",
+                       onnx_bytes=hang_on_white_model().SerializeToString())
+    command = operator.push(hang, DEVICE)
+    operator.wait_state(DEVICE, command.update_id, "active")
+    time.sleep(3)  # idle on probation for twice the stall time: not a stall
+    assert "rolled_back" not in operator.states(DEVICE, command.update_id)
+    client = Client(daemon.endpoint, max_in_flight=1)
+    try:
+        assert client.wait_connected(10)
+        client.send(np.full((64, 64, 3), 255, np.uint8))  # the frame the engine hangs on
+        rolled = operator.wait_state(DEVICE, command.update_id, "rolled_back", "confirmed")
+    finally:
+        client.close()
+    assert rolled["state"] == "rolled_back"
+    assert "tiny@2.0 rolled back to 1.0 during probation: its pipeline stalled" in \
+        rolled["detail"]
+    assert rolled["serving"] == {MODEL: "1.0"}
+    state = _store_state(short_tmp)
+    assert _statuses(state) == {"2.0": "rejected", "1.0": "active"}
+    assert "stalled" in state["versions"][0]["reason"] and state["probation"] is None
+    status = json.loads(operator.observer.on(device_topics(DEVICE).status)[-1].payload)
+    assert status["models"][MODEL] == {"version": "1.0", "previous": None, "probation": False}
+
+
+def test_a_captured_command_published_again_is_rejected_as_a_replay(device, operator, short_tmp):
+    daemon = device()
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096)
+    envelope = json.dumps(sign(command.model_dump(mode="json"), operator.key)).encode()
+    topic = device_topics(DEVICE).ota_command
+    from cloud_sync.push import publish_chunks
+
+    publish_chunks(operator.client, command, archive, operator.publish)
+    operator.publish(operator.client, topic, envelope)
+    operator.wait_state(DEVICE, command.update_id, "confirmed")
+    daemon.stop(signal.SIGTERM)
+    daemon = device()  # the seen ids survive a restart
+    operator.publish(operator.client, topic, envelope)  # the captured bytes, again
+    replay = operator.wait_state(DEVICE, None, "rejected")
+    assert replay["check"] == "replay" and "accepted on this device before" in replay["detail"]
+    assert replay["replay_of"]["update_id"] == command.update_id
+    assert replay["command_sha256"] == hashlib.sha256(envelope).hexdigest()
+    assert _version(daemon) == "2.0"
+    assert operator.states(DEVICE, command.update_id).count("accepted") == 1
+
+
+def test_an_expired_command_is_rejected_with_the_reason(device, operator, short_tmp):
+    daemon = device(ota="max_command_age_s = 60\n")
+    archive = operator.package(tiny_bundle(short_tmp / "v2", "2.0"))
+    command = make_update(archive, devices=[DEVICE], chunk_size=4096).model_copy(
+        update={"issued_at": time.time() - 3600})
+    operator.send(command, archive)
+    expired = operator.wait_state(DEVICE, command.update_id, "rejected")
+    assert expired["check"] == "expired" and "ota.max_command_age_s (60 s)" in expired["detail"]
+    assert _version(daemon) == "1.0"
 
 
 def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
@@ -375,6 +563,9 @@ def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
     rolled = operator.wait_state(DEVICE, command.update_id, "rolled_back", timeout=30)
     assert "crash loop" in rolled["detail"]
     assert _version(daemon) == "1.0"
+    state = _store_state(short_tmp)
+    assert _statuses(state) == {"2.0": "rejected", "1.0": "active"}
+    assert "crash loop" in state["versions"][0]["reason"]
 
 
 def test_daemon_reports_telemetry_and_a_retained_status_with_its_model(
@@ -400,6 +591,7 @@ def test_daemon_reports_telemetry_and_a_retained_status_with_its_model(
     assert (model["name"], model["version"]) == (MODEL, "1.0")
     assert model["latency_ms"]["total"]["p99"] > 0 and sample["frames"]["results"] >= 1
     assert sample["host"]["cpu_percent"] is not None and sample["host"]["memory_total_mb"] > 0
+    assert assert_all_valid(messages) >= 2  # each telemetry sample and status: the schemas
     status = json.loads(next(m for m in messages if m.topic == topics.status).payload)
     assert status["state"] == "online" and status["groups"] == ["lab"]
     assert status["models"][MODEL] == {"version": "1.0", "previous": None, "probation": False}

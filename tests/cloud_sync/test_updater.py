@@ -5,6 +5,7 @@ is tested in test_ota_daemon.py). Delivery copies a file: transport is tested el
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -15,9 +16,10 @@ import pytest
 
 from cloud_sync.commands import RollbackCommand
 from cloud_sync.ota import OtaSettings, Updater
+from cloud_sync.probation import Probation
 from cloud_sync.push import make_update, package_bundle
 from cloud_sync.signing import TrustedKeys, generate_signing_key, load_private_key, sign
-from runtime.daemon.model_host import ModelHealth
+from runtime.daemon.model_host import ModelHealth, PipelineState
 from runtime.engines import open_engine
 from runtime.models.store import ModelStore
 from tests.cloud_sync.ota_harness import MODEL, tiny_bundle
@@ -27,7 +29,8 @@ class RecordingHost:
     def __init__(self, bundle) -> None:
         self.bundle, self.engine = bundle, open_engine(bundle.onnx_path)
         self.swaps: list[str] = []
-        self.results, self.errors, self.healthy = 0, 0, True
+        self.results, self.errors = 0, 0
+        self.state = PipelineState.SERVING
 
     def serving(self) -> dict[str, str]:
         return {self.bundle.name: self.bundle.version}
@@ -43,8 +46,8 @@ class RecordingHost:
         self.bundle, self.engine = bundle, engine
         self.swaps.append(bundle.version)
 
-    def health(self, name: str) -> ModelHealth:
-        return ModelHealth(self.healthy, self.results, self.errors)
+    def health(self, name: str, stall_s: float) -> ModelHealth:
+        return ModelHealth(self.state, self.results, self.errors)
 
 
 class FileDelivery:
@@ -107,9 +110,13 @@ def test_a_stalled_pipeline_during_probation_rolls_back(setup):
     updater.settings = OtaSettings(probation_s=30.0)
     _send(updater, key, make_update(archive, devices=["d1"]))
     _wait(reports, "active")
-    host.healthy = False
+    host.state = PipelineState.STALLED
     assert "stalled" in _wait(reports, "rolled_back")["detail"]
     assert host.bundle.version == "1.0"
+    state = store.state(MODEL)
+    assert state.record("2.0").status.value == "rejected" and "stalled" in \
+        state.record("2.0").reason
+    assert updater.status_fields()["models"][MODEL]["previous"] is None  # never the rejected
 
 
 def test_healthy_probation_confirms_and_the_store_keeps_the_old_version(setup):
@@ -117,19 +124,147 @@ def test_healthy_probation_confirms_and_the_store_keeps_the_old_version(setup):
     _send(updater, key, make_update(archive, devices=["d1"]))
     _wait(reports, "confirmed")
     state = store.state(MODEL)
-    assert state.active == "2.0" and state.probation is None and state.history == ["1.0"]
+    assert state.active == "2.0" and state.probation is None and state.good_versions == ["1.0"]
     assert updater.status_fields()["models"][MODEL] == {"version": "2.0", "previous": "1.0",
                                                         "probation": False}
 
 
-def test_the_same_update_sent_twice_is_applied_once(setup):
+def test_the_same_update_sent_twice_is_applied_once_and_the_replay_is_rejected(setup):
     updater, host, store, reports, archive, key = setup
     command = make_update(archive, devices=["d1"])
     _send(updater, key, command)
     _wait(reports, "confirmed")
     _send(updater, key, command)
-    time.sleep(0.5)
+    replay = _wait(reports, "rejected")
+    assert replay["check"] == "replay" and "update_id" not in replay
+    assert replay["replay_of"] == {"type": "update", "update_id": command.update_id,
+                                   "model": MODEL, "version": "2.0"}
+    assert "accepted on this device before" in replay["detail"]
     assert [r["state"] for r in reports].count("accepted") == 1
+    assert updater.last["state"] == "confirmed", "a replay must not hide the real outcome"
+
+
+def test_a_replayed_command_is_rejected_after_a_restart_too(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    command = make_update(archive, devices=["d1"])
+    _send(updater, key, command)
+    _wait(reports, "confirmed")
+    updater.stop()
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={"mqtt": FileDelivery(archive)},
+                        settings=OtaSettings(probation_s=1.0))
+    restarted.start()
+    try:
+        _send(restarted, key, command)
+        assert _wait(again, "rejected")["check"] == "replay"
+        rollback = RollbackCommand(command_id="rb-1", model=MODEL, devices=("d1",))
+        _send(restarted, key, rollback)
+        _wait(again, "rolled_back")
+        _send(restarted, key, rollback)  # a captured rollback, published again
+        assert [r.get("check") for r in again if r["state"] == "rejected"] == ["replay",
+                                                                                "replay"]
+    finally:
+        restarted.stop()
+    assert store.state(MODEL).active == "1.0"
+
+
+def test_a_command_older_than_max_command_age_is_rejected_as_expired(setup):
+    updater, host, store, reports, archive, key = setup
+    updater.settings = OtaSettings(probation_s=1.0, max_command_age_s=3600)
+    old = make_update(archive, devices=["d1"]).model_copy(
+        update={"issued_at": time.time() - 7200})
+    _send(updater, key, old)
+    rejected = _wait(reports, "rejected")
+    assert rejected["check"] == "expired" and "max_command_age_s" in rejected["detail"]
+    assert host.swaps == []
+
+
+def test_a_command_from_the_future_beyond_the_clock_skew_is_rejected(setup):
+    updater, host, store, reports, archive, key = setup
+    ahead = make_update(archive, devices=["d1"]).model_copy(
+        update={"issued_at": time.time() + 3600})
+    _send(updater, key, ahead)
+    assert _wait(reports, "rejected")["check"] == "clock"
+
+
+def test_a_command_without_issued_at_is_rejected(setup):
+    updater, host, store, reports, archive, key = setup
+    payload = make_update(archive, devices=["d1"]).model_dump(mode="json")
+    del payload["issued_at"]
+    updater.handle_command(json.dumps(sign(payload, key)).encode())
+    rejected = _wait(reports, "rejected")
+    assert rejected["check"] == "schema" and "issued_at" in rejected["detail"]
+
+
+def test_a_downgrade_is_refused_unless_the_command_allows_it(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    older = package_bundle(tiny_bundle(tmp_path / "old", "0.9").directory, _dir(tmp_path / "o"))
+    updater._deliveries["mqtt"] = FileDelivery(older)
+    _send(updater, key, make_update(older, devices=["d1"]))
+    rejected = _wait(reports, "rejected")
+    assert rejected["check"] == "downgrade" and "older than the serving 1.0" in rejected["detail"]
+    allowed = make_update(older, devices=["d1"]).model_copy(update={"allow_downgrade": True})
+    _send(updater, key, allowed)
+    assert _wait(reports, "confirmed")["version"] == "0.9"
+    assert host.swaps == ["0.9"]
+
+
+def test_an_update_back_to_a_rejected_version_counts_as_a_downgrade(setup):
+    updater, host, store, reports, archive, key = setup
+    updater.settings = OtaSettings(probation_s=30.0)
+    _send(updater, key, make_update(archive, devices=["d1"]))
+    _wait(reports, "active")
+    host.errors = 10
+    _wait(reports, "rolled_back")
+    _send(updater, key, make_update(archive, devices=["d1"]))  # new id, same bad 2.0
+    rejected = _wait(reports, "rejected")
+    assert rejected["check"] == "downgrade" and "was rejected on this device" in \
+        rejected["detail"]
+
+
+def test_a_rejected_command_carries_its_hash_and_its_unverified_ids(setup):
+    updater, host, store, reports, archive, key = setup
+    command = make_update(archive, devices=["d1"])
+    envelope = sign(command.model_dump(mode="json"), key)
+    envelope["payload"] = envelope["payload"].replace('"2.0"', '"2.1"')
+    raw = json.dumps(envelope).encode()
+    updater.handle_command(raw)
+    rejected = _wait(reports, "rejected")
+    assert rejected["check"] == "signature" and "update_id" not in rejected
+    assert rejected["command_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert rejected["unverified"] == {
+        "key_id": envelope["key_id"], "type": "update", "update_id": command.update_id,
+        "model": MODEL, "version": "2.1", "issued_at": command.issued_at}
+
+
+def test_a_pipeline_shutting_down_during_probation_keeps_the_update_and_resumes_it(setup):
+    updater, host, store, reports, archive, key = setup
+    updater.settings = OtaSettings(probation_s=30.0)
+    command = make_update(archive, devices=["d1"])
+    _send(updater, key, command)
+    _wait(reports, "active")
+    host.state = PipelineState.STOPPED  # what the OTA thread sees while the daemon stops
+    time.sleep(1.0)  # four probation checks
+    updater.stop()
+    assert [r["state"] for r in reports if r["state"] == "rolled_back"] == []
+    state = store.state(MODEL)
+    assert state.active == "2.0" and state.probation.stopped_cleanly
+    # the restart: the clean stop does not count, the probation runs again and confirms
+    assert store.on_boot() == [] and store.state(MODEL).probation.boots == 0
+    host.state = PipelineState.SERVING
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings(probation_s=1))
+    restarted.start()
+    try:
+        resumed = _wait(again, "active")
+        assert resumed["update_id"] == command.update_id
+        assert "probation starts again" in resumed["detail"]
+        assert _wait(again, "confirmed")["update_id"] == command.update_id
+    finally:
+        restarted.stop()
+    assert store.state(MODEL).probation is None and store.state(MODEL).active == "2.0"
 
 
 def test_an_update_for_another_device_or_group_is_ignored(setup):
@@ -158,5 +293,39 @@ def test_a_model_this_daemon_does_not_serve_is_rejected(setup, tmp_path):
 def test_rollback_with_nothing_earlier_fails_and_says_so(setup):
     updater, host, store, reports, archive, key = setup
     _send(updater, key, RollbackCommand(command_id="rb", model=MODEL, devices=("d1",)))
-    assert "no earlier version" in _wait(reports, "failed")["detail"]
+    assert "no earlier good version" in _wait(reports, "failed")["detail"]
     assert host.swaps == []
+
+
+def test_a_crash_between_confirm_and_the_journal_removal_reports_confirmed(setup):
+    updater, host, store, reports, archive, key = setup
+    command = make_update(archive, devices=["d1"])
+    _send(updater, key, command)
+    _wait(reports, "confirmed")
+    updater.stop()
+    journal = store.root.parent / "ota" / "inflight.json"  # as kill -9 would leave it
+    journal.write_text(json.dumps({"command": command.model_dump(mode="json"),
+                                   "state": "active", "ts": time.time()}))
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings())
+    restarted.start()
+    restarted.stop()
+    assert [(r["state"], r.get("detail")) for r in again] == [
+        ("confirmed", "confirmed before the restart")]
+    assert not journal.exists()
+
+
+@pytest.mark.parametrize("state, results, errors, fails", [
+    (PipelineState.SERVING, 0, 0, None),  # idle: no client, no frame
+    (PipelineState.SERVING, 100, 4, None),  # under probation_min_errors
+    (PipelineState.SERVING, 100, 10, None),  # 10 of 110: under the 20% share
+    (PipelineState.SERVING, 10, 8, "8 of 18 frames failed"),
+    (PipelineState.STALLED, 0, 0, "its pipeline stalled"),
+    (PipelineState.STOPPED, 0, 50, None),  # shutting down: never judged
+])
+def test_probation_fails_only_on_a_stall_or_too_many_errors(state, results, errors, fails):
+    probation = Probation("tiny", "2.0", "u", None, ModelHealth(PipelineState.SERVING, 0, 0),
+                          until=0.0)
+    reason = probation.failure(ModelHealth(state, results, errors), OtaSettings())
+    assert (reason is None) if fails is None else (fails in reason)
