@@ -12,7 +12,6 @@ default CenterFace model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -25,31 +24,18 @@ import numpy as np
 from exporters.zoo import default_bundle
 from runtime.client import query_info
 from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
-from runtime.models.bundle import (
-    Bundle,
-    InputSpec,
-    Manifest,
-    OnnxFile,
-    Preprocess,
-    SizePolicy,
-    write_bundle,
-)
+from runtime.models.bundle import Bundle
 from runtime.tools.bench_rates import server_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
-from tests.onnx_models import conv_pool_model  # noqa: E402
+from tests.onnx_models import conv_pool_model, fixed_raw_bundle  # noqa: E402
 
 CLIENT_COUNTS = (1, 2, 4)
 
 
 def classifier_bundle(directory: Path) -> Bundle:
-    data = conv_pool_model(batch="batch", height=224, width=224).SerializeToString()
-    manifest = Manifest(
-        name="classifier", version="1", task="raw",
-        input=InputSpec(name="image", size=SizePolicy(mode="fixed", width=224, height=224)),
-        preprocess=Preprocess(color="rgb", scale=1 / 255, resize="stretch"),
-        onnx=OnnxFile(sha256=hashlib.sha256(data).hexdigest()))
-    return write_bundle(directory, manifest, data)
+    model = conv_pool_model(batch="batch", height=224, width=224)
+    return fixed_raw_bundle(directory, model, "classifier", "image", 224, 224)
 
 
 def start(tmp: Path, name: str, bundle: Bundle, max_batch: int) -> tuple[subprocess.Popen, str]:

@@ -250,3 +250,28 @@ def probability_map_model(stride: int = 2) -> onnx.ModelProto:
         [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1, "ph", "pw"])],
     )
     return _model(graph)
+
+
+def fixed_raw_bundle(directory: Path, model: onnx.ModelProto, name: str, input_name: str,
+                     width: int, height: int):
+    """`model` as a raw-task bundle with a fixed input size (stretched RGB, /255)."""
+    import hashlib
+
+    from runtime.models.bundle import (
+        InputSpec,
+        Manifest,
+        OnnxFile,
+        Preprocess,
+        SizePolicy,
+        write_bundle,
+    )
+
+    data = model.SerializeToString()
+    manifest = Manifest(
+        name=name, version="1", task="raw",
+        input=InputSpec(name=input_name, layout="NCHW",
+                        size=SizePolicy(mode="fixed", width=width, height=height)),
+        preprocess=Preprocess(color="rgb", scale=1 / 255, resize="stretch"),
+        onnx=OnnxFile(sha256=hashlib.sha256(data).hexdigest()))
+    return write_bundle(directory, manifest, data)
+

@@ -4,7 +4,6 @@ sockets for the replies, real daemons where the socket matters."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 
@@ -18,31 +17,15 @@ from runtime.daemon.inference import FrameJob, batch_capacity
 from runtime.daemon.pipeline import ModelPipeline
 from runtime.daemon.server import Server
 from runtime.engines import open_engine
-from runtime.models.bundle import (
-    Bundle,
-    InputSpec,
-    Manifest,
-    OnnxFile,
-    Preprocess,
-    SizePolicy,
-    write_bundle,
-)
+from runtime.models.bundle import Bundle
 from runtime.protocol import FrameHeader, decode_reply
-from tests.onnx_models import affine_argmax_model, conv_pool_model
+from tests.onnx_models import affine_argmax_model, conv_pool_model, fixed_raw_bundle
 
 CLIENTS = [f"client-{i}".encode() for i in range(4)]
 
 
 def _bundle(directory, model, name: str, input_name: str) -> Bundle:
-    data = model.SerializeToString()
-    manifest = Manifest(
-        name=name, version="1", task="raw",
-        input=InputSpec(name=input_name, layout="NCHW",
-                        size=SizePolicy(mode="fixed", width=32, height=24)),
-        preprocess=Preprocess(color="rgb", scale=1 / 255, mean=(0.0, 0.0, 0.0),
-                              std=(1.0, 1.0, 1.0), resize="stretch"),
-        onnx=OnnxFile(sha256=hashlib.sha256(data).hexdigest()))
-    return write_bundle(directory, manifest, data)
+    return fixed_raw_bundle(directory, model, name, input_name, 32, 24)
 
 
 @pytest.fixture
