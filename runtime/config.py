@@ -66,6 +66,15 @@ class SecuritySettings(BaseModel):
     keys_dir: str | None = None
     # A peer that has not finished the CURVE handshake by then is disconnected.
     handshake_timeout_s: float = Field(default=5.0, gt=0)
+    # CURVE handshakes admitted per second for one headset key, and from one source
+    # address; both buckets hold `handshake_burst`. Over the rate, the handshake is refused
+    # (the headset's open connection keeps its service).
+    handshakes_per_s_per_key: float = Field(default=2.0, gt=0)
+    handshakes_per_s_per_address: float = Field(default=20.0, gt=0)
+    handshake_burst: int = Field(default=10, gt=0)
+    # Open connections (TCP, handshaken or not) one source address may hold; ipc:// peers
+    # count as one address, "local".
+    max_connections_per_address: int = Field(default=64, gt=0)
 
     def resolved_keys_dir(self) -> Path:
         from runtime.curve_keys import keys_dir
