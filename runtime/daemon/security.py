@@ -46,6 +46,8 @@ class _ZapHandler(ThreadAuthenticator):
         if admitted:
             self._send_zap_reply(request_id, b"200", b"OK", z85_key)
         else:
+            self.log.debug("DENIED (CURVE) client_key=%s address=%s reason=%s", z85_key,
+                           address, reason)
             self._send_zap_reply(request_id, b"400", reason.encode())
 
 
