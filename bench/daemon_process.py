@@ -67,6 +67,8 @@ class DaemonProcess:
         # own key), and a key that is not enrolled. Empty in plain mode.
         self.attacker_keys: dict[str, Path] = {}
         self.stranger_keys: dict[str, Path] = {}
+        # a third enrolled headset, for "a headset arriving now" probes
+        self.newcomer_keys: dict[str, Path] = {}
         self.control = f"ipc://{self.workdir}/control.sock"
         self._process: subprocess.Popen | None = None
 
@@ -97,10 +99,14 @@ class DaemonProcess:
             attacker_public, attacker_secret = create_keypair(self.workdir / "attacker",
                                                               "attacker")
             enroll(attacker_public, keys / HEADSETS_DIR)
+            newcomer_public, newcomer_secret = create_keypair(self.workdir / "newcomer",
+                                                              "newcomer")
+            enroll(newcomer_public, keys / HEADSETS_DIR)
             _, stranger_secret = create_keypair(self.workdir / "stranger", "stranger")
             server_key = self.client_keys["server_key"]
             self.attacker_keys = {"server_key": server_key, "client_key": attacker_secret}
             self.stranger_keys = {"server_key": server_key, "client_key": stranger_secret}
+            self.newcomer_keys = {"server_key": server_key, "client_key": newcomer_secret}
             command += ["--keys", str(keys)]
         else:
             command.append("--plain")

@@ -548,7 +548,7 @@ def connection_worker(index: int, attack: str, endpoint: str, quota: int, rate: 
     """One attacker process for the connection attacks; `quota` counts connections.
 
     reconnect_storm: one enrolled key (not the well-behaved headset's) opens a connection,
-    sends a frame, waits up to 50 ms for its reply and closes, as fast as it can.
+    sends a frame, waits up to 20 ms for its reply and closes, as fast as it can.
     handshake_flood: connections with fresh unknown keys (CURVE; in plain mode, fresh
     connections), 64 kept open at a time, each sending a frame it never gets answered.
     """
@@ -598,7 +598,7 @@ def connection_worker(index: int, attack: str, endpoint: str, quota: int, rate: 
         count += 1
         stats["connections"] += 1
         if attack == "reconnect_storm":
-            if socket.poll(50):
+            if socket.poll(20):
                 drain(socket)
             socket.close(linger=0)
         else:
@@ -689,7 +689,9 @@ def percentiles(values: list[float]) -> dict[str, float | int]:
 
 def new_client_frame(daemon: DaemonProcess, frame: np.ndarray) -> tuple[str, object]:
     """One frame from a brand-new connection (a headset arriving now): its outcome."""
-    with Client(daemon.endpoint, max_in_flight=1, **daemon.client_keys) as client:
+    # Its own key under CURVE: with the bystander's, it would replace the bystander.
+    keys = daemon.newcomer_keys if daemon.curve else daemon.client_keys
+    with Client(daemon.endpoint, max_in_flight=1, **keys) as client:
         if not client.wait_connected(10):
             return "not connected", None
         seq = client.send(frame)
