@@ -77,6 +77,17 @@ class DaemonProcess:
         return ("CURVE (throwaway keys; the well-behaved headset and the attackers each have "
                 "an enrolled key)" if self.curve else "PLAIN (--plain)")
 
+    def enrol_headset(self, name: str) -> dict[str, Path]:
+        """CURVE: a further enrolled headset of its own (Client keyword arguments); call
+        before start(), or wait a second for the daemon to reload its allow-list. Plain
+        mode: {}. One key per simulated headset: two connections with one key replace
+        each other (newest wins)."""
+        if not self.curve:
+            return {}
+        public, secret = create_keypair(self.workdir / f"headset-{name}", name)
+        enroll(public, self.workdir / "keys" / HEADSETS_DIR)
+        return {"server_key": self.workdir / "keys" / "daemon.key", "client_key": secret}
+
     def status(self, timeout: float = 5.0) -> dict | None:
         """`sightline status` as a document (None when the daemon does not answer)."""
         from runtime.daemon.control import query_status
