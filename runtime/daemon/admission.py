@@ -154,20 +154,27 @@ class ConnectionMonitor:
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self.accepted += 1
+                # An fd seen again means its DISCONNECTED event was lost (the monitor's
+                # queue overflowed): the table stays bounded by the open fds.
+                self._drop(fd)
                 address = _peer_address(fd)
                 self._by_fd[fd] = address
                 self._by_address[address] += 1
                 changed = True
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.disconnected += 1
-                address = self._by_fd.pop(fd, None)
-                if address is not None:
-                    self._by_address[address] -= 1
-                    if self._by_address[address] <= 0:
-                        del self._by_address[address]
-                    changed = True
+                changed |= self._drop(fd)
         if changed and self._admission is not None:
             self._admission.open_by_address = MappingProxyType(dict(self._by_address))
+
+    def _drop(self, fd: int) -> bool:
+        address = self._by_fd.pop(fd, None)
+        if address is None:
+            return False
+        self._by_address[address] -= 1
+        if self._by_address[address] <= 0:
+            del self._by_address[address]
+        return True
 
     def figures(self) -> dict:
         return {"open": self.open_connections, "accepted": self.accepted,

@@ -143,6 +143,11 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         console.print()
         console.print(f"  headsets, by {by}", highlight=False)
         console.print(rows)
+    connections = status.get("connections") or {}
+    if connections:
+        console.print(f"  transport  {text(connections.get('open', 0))} connection(s) open, "
+                      f"{text(connections.get('accepted', 0))} accepted since start",
+                      highlight=False)
     handshakes = status.get("handshakes") or {}
     if handshakes:
         refused = ", ".join(f"{k} {n}" for k, n in sorted(handshakes.get("refused", {}).items()))

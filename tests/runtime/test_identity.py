@@ -185,3 +185,27 @@ def test_plain_mode_keeps_the_connection_as_the_identity(daemon, astronaut_640x4
     assert status["identity"] == "connection"
     names = [h["name"] for h in status["headsets"]]
     assert len(names) == 2 and all(n.startswith("conn-") for n in names)
+
+
+def test_an_address_over_its_open_connection_limit_is_refused_until_it_closes_some(
+        daemon_factory, curve_keys, short_tmp):
+    import socket as socket_module
+
+    from tests.runtime.test_security import _free_port
+
+    port = _free_port()
+    config = _config(short_tmp / "c.toml", security={"max_connections_per_address": 2})
+    daemon = daemon_factory("--config", config, endpoint=f"tcp://127.0.0.1:{port}",
+                            curve=curve_keys)
+    keys = curve_keys.client_kwargs()
+    idle = [socket_module.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    time.sleep(0.5)  # the daemon sees them accepted
+    assert query_info(daemon.endpoint, 1.5, **keys) is None
+    refused = query_status(daemon.control)["handshakes"]["refused"]
+    assert refused.get("address_connections", 0) >= 1, refused
+    for sock in idle:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while query_info(daemon.endpoint, 1.0, **keys) is None:
+        assert time.monotonic() < deadline, "the address stayed refused after closing"
+    assert query_status(daemon.control)["connections"]["open"] <= 2
