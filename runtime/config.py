@@ -39,6 +39,11 @@ class ServerSettings(BaseModel):
     reply_hwm: int = Field(default=64, gt=0)
     # Frames per second one client may send; the excess gets RATE_LIMITED error replies.
     max_fps_per_client: float = Field(default=120.0, gt=0)
+    # Requests from one headset that get an error reply (bad headers, wrong part counts,
+    # oversized frames ...), per second, bursts of `bad_request_burst`. Over it, the
+    # headset's frames are refused (RATE_LIMITED) before any decode until it sends fewer.
+    bad_requests_per_s: float = Field(default=5.0, gt=0)
+    bad_request_burst: int = Field(default=50, gt=0)
     # Prometheus /metrics endpoint as HOST:PORT (no authentication: keep it on loopback
     # or a management network); unset: no endpoint.
     metrics_listen: str | None = Field(default=None, pattern=r"^[^:]+:\d+$")

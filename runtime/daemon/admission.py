@@ -47,6 +47,15 @@ class RateLimiter:
             return True
         return False
 
+    def empty(self) -> bool:
+        """True while under one token (refilled now, none taken)."""
+        if self.tokens >= 1.0:
+            return False
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        return self.tokens < 1.0
+
 
 class _Buckets:
     """One token bucket per name, at most MAX_BUCKETS of them (LRU)."""

@@ -23,10 +23,12 @@ class Headset:
     name: str  # enrolled name (CURVE), or "conn-<routing id hex>" (plain)
     key: bytes  # its key in the pipelines' slots: stable across reconnects under CURVE
     limiter: RateLimiter
+    failures: RateLimiter  # requests answered with an error; empty: frames refused
     route: bytes | None = None  # routing id of the connection that serves it now
     last_seen: float = 0.0  # monotonic; 0: holds no slot
     frames: int = 0
     rate_limited: int = 0
+    bad_requests: int = 0
     connections: int = 0
     replaced: int = 0
     dropped_before: int = 0  # dropped frames of slots already forgotten (idle timeouts)
@@ -36,8 +38,10 @@ class Headset:
 class Identities:
     """Routing id -> headset, and headset -> the routing id its replies go to."""
 
-    def __init__(self, *, by_key: bool, max_clients: int, max_fps: float) -> None:
+    def __init__(self, *, by_key: bool, max_clients: int, max_fps: float,
+                 bad_per_s: float = 5.0, bad_burst: int = 50) -> None:
         self.by_key = by_key
+        self._bad = (bad_per_s, bad_burst)
         self._max_clients = max_clients
         self._max_fps = max_fps
         self._headsets: dict[str, Headset] = {}
@@ -73,7 +77,7 @@ class Identities:
                                     f"the daemon already serves {self.active} headsets")
             if headset is None:
                 headset = Headset(name, name.encode() if self.by_key else route,
-                                  RateLimiter(self._max_fps))
+                                  RateLimiter(self._max_fps), RateLimiter(*self._bad))
                 self._headsets[name] = headset
                 self._by_key[headset.key] = headset
             self.active += 1
@@ -95,6 +99,13 @@ class Identities:
         self._routes[route] = headset
         headset.route = route
         headset.connections += 1
+
+    def note_failure(self, route: bytes, name: str | None) -> None:
+        """A request from `route` (enrolled as `name`, under CURVE) got an error reply."""
+        headset = self._headsets.get(name) if name is not None else self._routes.get(route)
+        if headset is not None:
+            headset.bad_requests += 1
+            headset.failures.allow()
 
     def take_replaced(self) -> bytes | None:
         """The connection the last admit() replaced, once (the server tells it why)."""

@@ -41,6 +41,10 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 _instance = itertools.count()
 POLL_MS = 100
+# Error replies that are the client's fault; bad_requests_per_s counts these only.
+CLIENT_FAULTS = frozenset({ErrorCode.MALFORMED, ErrorCode.UNSUPPORTED_VERSION,
+                           ErrorCode.BAD_HEADER, ErrorCode.FRAME_TOO_LARGE,
+                           ErrorCode.UNKNOWN_MODEL})
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -87,7 +91,9 @@ class Server:
         # Under CURVE a headset is its enrolled key; in plain mode, its connection.
         self.identities = Identities(by_key=config.security.mode == "curve",
                                      max_clients=settings.max_clients,
-                                     max_fps=settings.max_fps_per_client)
+                                     max_fps=settings.max_fps_per_client,
+                                     bad_per_s=settings.bad_requests_per_s,
+                                     bad_burst=settings.bad_request_burst)
         self.admission: HandshakeAdmission | None = None
         self.monitor: ConnectionMonitor | None = None
         self._authenticator: HeadsetAuthenticator | None = None
@@ -244,6 +250,8 @@ class Server:
                 self._handle(parts[0], client, parts[1:], received)
             except ProtocolError as exc:
                 self.counters.errors[exc.code] += 1
+                if exc.code in CLIENT_FAULTS:  # a failing headset loses its turn
+                    self.identities.note_failure(client, self._enrolled_name(parts[0]))
                 seq = peek_seq(parts[1].buffer) if len(parts) > 1 else None
                 self._send(client, encode_error(seq, exc.code, exc.message))
 
@@ -284,6 +292,11 @@ class Server:
             self._send(replaced, encode_error(None, ErrorCode.REPLACED,
                                               "a newer connection with this headset's key "
                                               f"({headset.name}) took over; close this one"))
+        if headset.failures.empty():
+            headset.rate_limited += 1
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"over {self.config.server.bad_requests_per_s:g} bad requests/s;"
+                                " frames ignored until fewer fail")
         if not headset.limiter.allow():
             headset.rate_limited += 1
             raise ProtocolError(ErrorCode.RATE_LIMITED,
@@ -298,6 +311,11 @@ class Server:
             self.counters.superseded += 1
             self._send(client, encode_dropped(superseded.header.seq, "superseded",
                                               self.dropped(headset)))
+
+    def _enrolled_name(self, identity: zmq.Frame) -> str | None:
+        if self._authenticator is None:
+            return None
+        return self._authenticator.names.get(_user_id(identity))
 
     def _check_limits(self, header: FrameHeader, payload: zmq.Frame) -> None:
         settings = self.config.server

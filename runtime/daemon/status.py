@@ -72,6 +72,7 @@ def headset_figures(server: Server) -> list[dict[str, Any]]:
         {"name": h.name, "connected": bool(h.last_seen),
          "idle_s": round(now - h.last_seen, 3) if h.last_seen else None,
          "frames": h.frames, "dropped": server.dropped(h), "rate_limited": h.rate_limited,
+         "bad_requests": h.bad_requests,
          "connections": h.connections, "replaced": h.replaced}
         for h in server.identities.headsets()
     ]

@@ -209,3 +209,30 @@ def test_an_address_over_its_open_connection_limit_is_refused_until_it_closes_so
     while query_info(daemon.endpoint, 1.0, **keys) is None:
         assert time.monotonic() < deadline, "the address stayed refused after closing"
     assert query_status(daemon.control)["connections"]["open"] <= 2
+
+
+def test_a_headset_whose_requests_keep_failing_has_its_frames_refused_before_decoding(
+        daemon_factory, curve_keys, short_tmp, astronaut_640x480):
+    from runtime.curve_keys import HEADSETS_DIR, create_keypair, enroll
+
+    public, secret = create_keypair(short_tmp / "quest-02", "quest-02")
+    enroll(public, curve_keys.keys_dir / HEADSETS_DIR)
+    config = _config(short_tmp / "c.toml",
+                     server={"bad_requests_per_s": 1, "bad_request_burst": 5})
+    daemon = daemon_factory("--config", config, curve=curve_keys)
+    bad = _dealer(daemon.endpoint, curve_keys.client_kwargs(secret))
+    assert _burst(bad, 0, 1) == ["result"]  # it holds a slot
+    for seq in range(1, 21):  # garbage headers, each an error reply
+        bad.send(b"\xc1 not msgpack")
+    codes = [msgpack.unpackb(bad.recv())["code"] for _ in range(20) if bad.poll(5000)]
+    assert codes == ["MALFORMED"] * 20
+    assert _burst(bad, 100, 3) == ["RATE_LIMITED"] * 3  # well-formed now, but refused
+    bad.close()
+    status = query_status(daemon.control)
+    failing = _headset(status, "quest-02")
+    assert failing["bad_requests"] == 20 and failing["frames"] == 1
+    # the other headset is unaffected
+    with Client(daemon.endpoint, max_in_flight=1, **curve_keys.client_kwargs()) as good:
+        assert good.wait_connected(10)
+        good.send(astronaut_640x480)
+        assert good.recv(10).ok
