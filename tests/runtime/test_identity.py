@@ -222,7 +222,7 @@ def test_a_headset_whose_requests_keep_failing_has_its_frames_refused_before_dec
     daemon = daemon_factory("--config", config, curve=curve_keys)
     bad = _dealer(daemon.endpoint, curve_keys.client_kwargs(secret))
     assert _burst(bad, 0, 1) == ["result"]  # it holds a slot
-    for seq in range(1, 21):  # garbage headers, each an error reply
+    for _ in range(20):  # garbage headers, each an error reply
         bad.send(b"\xc1 not msgpack")
     codes = [msgpack.unpackb(bad.recv())["code"] for _ in range(20) if bad.poll(5000)]
     assert codes == ["MALFORMED"] * 20
