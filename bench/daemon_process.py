@@ -74,8 +74,8 @@ class DaemonProcess:
 
     @property
     def mode(self) -> str:
-        return ("CURVE (throwaway keys; the well-behaved headset and the attackers each have "
-                "an enrolled key)" if self.curve else "PLAIN (--plain)")
+        return ("CURVE (throwaway keys, an enrolled key per simulated headset)" if self.curve
+                else "PLAIN (--plain)")
 
     def enrol_headset(self, name: str) -> dict[str, Path]:
         """CURVE: a further enrolled headset of its own (Client keyword arguments); call

@@ -199,7 +199,10 @@ def test_an_address_over_its_open_connection_limit_is_refused_until_it_closes_so
                             curve=curve_keys)
     keys = curve_keys.client_kwargs()
     idle = [socket_module.create_connection(("127.0.0.1", port)) for _ in range(3)]
-    time.sleep(0.5)  # the daemon sees them accepted
+    deadline = time.monotonic() + 10
+    while query_status(daemon.control)["connections"]["open"] < 3:  # seen as accepted
+        assert time.monotonic() < deadline, "the daemon never saw the connections"
+        time.sleep(0.1)
     assert query_info(daemon.endpoint, 1.5, **keys) is None
     refused = query_status(daemon.control)["handshakes"]["refused"]
     assert refused.get("address_connections", 0) >= 1, refused
