@@ -23,7 +23,7 @@ from cloud_sync.ota import OtaSettings, Updater
 from cloud_sync.signing import TrustedKeys
 from cloud_sync.telemetry import TelemetryPublisher
 from cloud_sync.topics import Channel
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, describe_validation
 from runtime.models.store import ModelStore, StoreEvent
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class CloudSettings(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"invalid [cloud] config: {exc}") from None
+            raise ConfigError(f"invalid [cloud] config: {describe_validation(exc, model=cls)}"
+                              ) from None
 
     def link_config(self) -> LinkConfig:
         data = dict(self.link)

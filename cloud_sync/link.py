@@ -140,10 +140,13 @@ class LinkConfig(BaseModel):
         """Validate a config mapping (a TOML table), turning errors into a ConfigError."""
         from pydantic import ValidationError
 
+        from runtime.errors import describe_validation
+
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"cloud link config: {exc}") from exc
+            raise ConfigError(f"invalid [cloud.link] config: "
+                              f"{describe_validation(exc, model=cls)}") from None
 
 
 @dataclass(frozen=True)

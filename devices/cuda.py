@@ -1,19 +1,27 @@
 """Moving tensors between host and GPU: streams, device buffers, page-locked host arrays and
-async copies, behind one small interface over cuda-python or pycuda.
+async copies, behind one small interface over cuda-python or pycuda. Usable from any thread,
+not only the one that opened it (the daemon opens engines on one thread, infers on another).
 
-cuda-python (`cuda.bindings.runtime`, or `cuda.cudart` before 12.6) is tried first: it
-shares the CUDA runtime's primary context with TensorRT. pycuda is supported for device
-images that ship it instead. Both are imported only inside `load_cuda`; a missing one
-becomes an ImportError naming the extra to install. Every failing CUDA call raises
-CudaError carrying CUDA's own error name.
+cuda-python first (it shares the runtime's primary context with TensorRT), both majors,
+branched at import rather than pinned: 13.x has only `cuda.bindings.runtime` (it removed
+`cuda.cudart`); 12.6.1-12.9 have both; 12.0-12.6.0 only `cuda.cudart`, and raise
+RuntimeError instead of an error code when no driver loads. The calls used here kept their
+signatures and (error, value) returns across both; native handles come from
+`cuda.bindings.utils.get_cuda_native_handle` where it exists (13.0 deprecated `int(handle)`).
+The major must suit the driver (13.x needs a CUDA 13 driver; JetPack 6 is CUDA 12.6, so
+`cuda-python==12.*`); a mismatch raises cudaErrorInsufficientDriver saying which to install.
+pycuda (for images that ship it) pushes the primary context around each call. Both are
+imported inside `load_cuda` only; a missing one is an ImportError naming the extra. Every
+failing CUDA call raises CudaError carrying CUDA's own error name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -72,8 +80,7 @@ def load_cuda(prefer: str | None = None, *, device: int = 0) -> CudaApi:
     the other. ImportError (naming the extras) when neither is installed; CudaError when one
     is installed but CUDA itself fails (no driver, no device).
 
-    With pycuda the device's primary context is made current on the calling thread only:
-    open the API on the thread that will use it (the engine's inference thread).
+    The API may be used from any thread, not only the one that opened it.
     """
     if prefer is not None and prefer not in _OPENERS:
         raise ValueError(f"unknown CUDA binding {prefer!r}; choose from {', '.join(_OPENERS)}")
@@ -124,7 +131,7 @@ class _RuntimeStream:
     def __init__(self, api: _CudaPythonApi, stream: Any) -> None:
         self._api = api
         self._stream = stream
-        self.handle = int(stream)
+        self.handle = api._native_handle(stream)
 
     def synchronize(self) -> None:
         self._api._call("cudaStreamSynchronize", self._api._rt.cudaStreamSynchronize, self._stream)
@@ -160,23 +167,37 @@ class _CudaPythonApi:
     name = "cuda-python"
 
     def __init__(self, device: int) -> None:
-        try:
-            from cuda.bindings import runtime
-        except ImportError as first:
-            try:  # cuda-python before 12.6 only has the old module path
-                from cuda import cudart as runtime
-            except ImportError:
-                raise ImportError(f"cuda-python is not importable ({first})") from first
+        runtime = _import_cuda_runtime()
         self._rt = runtime
         self._device = device
         self._streams: list[_RuntimeStream] = []
         self._buffers: set[_RuntimeBuffer] = set()
         self._pinned: dict[int, _PinnedMemory] = {}  # id(owner) -> owner
-        count = self._call("cudaGetDeviceCount", runtime.cudaGetDeviceCount)
+        self._native_handle = _native_handle_getter()
+        # The CUDA version the bindings were built for (13050 = 13.5): no driver needed.
+        self.runtime_version = int(self._call("cudaRuntimeGetVersion",
+                                              runtime.cudaRuntimeGetVersion))
+        try:
+            count = self._call("cudaGetDeviceCount", runtime.cudaGetDeviceCount)
+        except CudaError as exc:
+            if exc.name != "cudaErrorInsufficientDriver":
+                raise
+            raise CudaError(exc.call, exc.name,
+                            driver_mismatch_hint(self.runtime_version, self._driver_version())
+                            ) from None
+        except RuntimeError as exc:  # cuda-python < 12.6.1: "Failed to dlopen libcuda.so.1"
+            raise CudaError("cudaGetDeviceCount", "cudaErrorInsufficientDriver",
+                            f"{exc}; {driver_mismatch_hint(self.runtime_version, 0)}") from None
         if device >= count:
             raise CudaError("cudaSetDevice", "cudaErrorInvalidDevice",
                             f"device {device} asked for, {count} present")
         self._call("cudaSetDevice", runtime.cudaSetDevice, device)
+
+    def _driver_version(self) -> int:
+        try:
+            return int(self._call("cudaDriverGetVersion", self._rt.cudaDriverGetVersion))
+        except (CudaError, RuntimeError):
+            return 0
 
     def _call(self, call: str, fn: Callable[..., tuple], *args: Any) -> Any:
         err, *values = fn(*args)
@@ -205,6 +226,8 @@ class _CudaPythonApi:
 
     def pinned_host(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
         shape, dtype, nbytes = _shape_and_bytes(shape, dtype)
+        # Page-locked for the current device's context only: make it ours on this thread.
+        self._call("cudaSetDevice", self._rt.cudaSetDevice, self._device)
         ptr = int(self._call("cudaHostAlloc", self._rt.cudaHostAlloc, max(nbytes, 1),
                              self._rt.cudaHostAllocDefault))
         memory = _PinnedMemory(ptr, shape, dtype)
@@ -251,6 +274,45 @@ def _runtime_error_name(runtime: Any, err: Any) -> str:
     return text.decode() if isinstance(text, bytes) else str(text)
 
 
+
+def _import_cuda_runtime() -> Any:
+    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6.1 and later, the only one
+    in 13.x), else `cuda.cudart` (12.0 to 12.9; removed in 13.0)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError as first:
+        try:
+            from cuda import cudart as runtime
+        except ImportError:
+            raise ImportError(f"cuda-python is not importable ({first})") from first
+    return runtime
+
+
+def _native_handle_getter() -> Callable[[Any], int]:
+    try:  # cuda-python 12.9+; 13.0 deprecated int(handle) for it
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int
+    return get_cuda_native_handle
+
+
+def driver_mismatch_hint(runtime_version: int, driver_version: int) -> str:
+    """What to do when the bindings need a newer driver than this one (CUDA versions as
+    cudaRuntimeGetVersion / cudaDriverGetVersion give them: 12060 = 12.6; 0 = no driver)."""
+    built = f"cuda-python here is built for CUDA {_cuda_version_text(runtime_version)}"
+    if not driver_version:
+        return f"{built}; no NVIDIA driver could be loaded on this machine"
+    wanted = driver_version // 1000
+    if wanted < runtime_version // 1000:
+        return (f"{built}; this driver supports CUDA {_cuda_version_text(driver_version)}: "
+                f"pip install 'cuda-python=={wanted}.*' (or update the driver)")
+    return f"{built}; this driver supports CUDA {_cuda_version_text(driver_version)}"
+
+
+def _cuda_version_text(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
 # }}}
 
 # {{{ pycuda (CUDA driver API)
@@ -264,7 +326,8 @@ class _PycudaStream:
         self.handle = int(stream.handle)
 
     def synchronize(self) -> None:
-        self._api._call(self._stream.synchronize)
+        with self._api._active():
+            self._api._call(self._stream.synchronize)
 
 
 class _PycudaBuffer:
@@ -280,10 +343,18 @@ class _PycudaBuffer:
         if self.ptr:
             self.ptr = 0
             self._api._buffers.discard(self)
-            self._api._call(self._allocation.free)
+            with self._api._active():
+                self._api._call(self._allocation.free)
 
 
 class _PycudaApi:
+    """The driver API needs a current context on the calling thread, and pycuda refuses to
+    free an object from a thread other than its context's creator unless that context is
+    current there ("cannot activate out-of-thread context"). So every call pushes the
+    primary context and pops it again: the API works from any thread, and no thread is left
+    with a pushed context (pycuda aborts at exit if the opening thread's stack is not empty).
+    """
+
     name = "pycuda"
 
     def __init__(self, device: int) -> None:
@@ -299,7 +370,17 @@ class _PycudaApi:
         # The device's primary context, the one the CUDA runtime (and so TensorRT) uses, not
         # a new context as pycuda.autoinit would make: buffers must be valid in both.
         self._context = self._call(driver.Device(device).retain_primary_context)
+
+    @contextlib.contextmanager
+    def _active(self) -> Iterator[None]:
+        if self._context is None:
+            raise CudaError("cuCtxPushCurrent", "CUDA_ERROR_INVALID_CONTEXT",
+                            "this CUDA API has been closed")
         self._call(self._context.push)
+        try:
+            yield
+        finally:
+            self._call(self._drv.Context.pop)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -312,49 +393,57 @@ class _PycudaApi:
                             name or type(exc).__name__, detail) from exc
 
     def stream(self) -> _PycudaStream:
-        stream = _PycudaStream(self, self._call(self._drv.Stream))
+        with self._active():
+            stream = _PycudaStream(self, self._call(self._drv.Stream))
         self._streams.append(stream)
         return stream
 
     def device_buffer(self, nbytes: int) -> _PycudaBuffer:
-        allocation = self._call(self._drv.mem_alloc, max(nbytes, 1))  # cuMemAlloc(0) fails
+        with self._active():
+            allocation = self._call(self._drv.mem_alloc, max(nbytes, 1))  # cuMemAlloc(0) fails
         buffer = _PycudaBuffer(self, allocation, nbytes)
         self._buffers.add(buffer)
         return buffer
 
     def pinned_host(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
         shape, dtype, _ = _shape_and_bytes(shape, dtype)
-        array = self._call(self._drv.pagelocked_empty, shape, dtype)
+        with self._active():
+            array = self._call(self._drv.pagelocked_empty, shape, dtype)
         self._pinned[id(array.base)] = array.base
         return array
 
     def free_pinned(self, array: np.ndarray) -> None:
         allocation = _pop_pinned_owner(self._pinned, array)
         if allocation is not None:
-            self._call(allocation.free)
+            with self._active():
+                self._call(allocation.free)
 
     def copy_htod_async(self, dst: DeviceBuffer, src: np.ndarray, stream: Stream) -> None:
         _check_htod(dst, src)
-        self._call(self._drv.memcpy_htod_async, dst.ptr, src, stream._stream)  # type: ignore[attr-defined]
+        with self._active():
+            self._call(self._drv.memcpy_htod_async, dst.ptr, src, stream._stream)  # type: ignore[attr-defined]
 
     def copy_dtoh_async(self, dst: np.ndarray, src: DeviceBuffer, stream: Stream) -> None:
         _check_dtoh(dst, src)
-        self._call(self._drv.memcpy_dtoh_async, dst, src.ptr, stream._stream)  # type: ignore[attr-defined]
+        with self._active():
+            self._call(self._drv.memcpy_dtoh_async, dst, src.ptr, stream._stream)  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        if self._context is None:
+            return
         errors = []
         for stream in self._streams:
             errors += _attempt(stream.synchronize)
-        self._streams.clear()  # pycuda destroys a Stream when its last reference goes
         for buffer in list(self._buffers):
             errors += _attempt(buffer.free)
-        for allocation in list(self._pinned.values()):
-            errors += _attempt(self._call, allocation.free)
-        self._pinned.clear()
-        if self._context is not None:
-            errors += _attempt(self._call, self._context.pop)
-            errors += _attempt(self._call, self._context.detach)
-            self._context = None
+        with self._active():
+            # pycuda destroys a Stream when its last reference goes: here, in its context.
+            self._streams.clear()
+            for allocation in list(self._pinned.values()):
+                errors += _attempt(self._call, allocation.free)
+            self._pinned.clear()
+        context, self._context = self._context, None
+        errors += _attempt(self._call, context.detach)
         if errors:
             raise errors[0]
 

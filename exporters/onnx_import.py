@@ -17,7 +17,7 @@ import onnx
 from onnx import shape_inference
 from pydantic import ValidationError
 
-from runtime.errors import BundleError
+from runtime.errors import BundleError, describe_validation
 from runtime.models.bundle import (
     Bundle,
     InputSpec,
@@ -60,6 +60,8 @@ class ImportOptions:
     thresholds: Thresholds | None = None
     labels: Sequence[str] | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    # Task raw: (..., H, W) outputs the daemon resizes back to the source frame.
+    resize_to_source: tuple[str, ...] = ()
     # Provenance for the manifest; default: the source file's name and sha256.
     source: dict[str, str] | None = None
 
@@ -247,10 +249,12 @@ def default_output_roles(task: Task, output_shapes: dict[str, tuple[int, ...]]) 
     }
 
 
-def import_onnx(source: Path, options: ImportOptions, out_dir: Path) -> ImportResult:
+def import_onnx(source: Path, options: ImportOptions, out_dir: Path, *,
+                replace: bool = True) -> ImportResult:
+    """Prepare and write the bundle; `replace=False` refuses a bundle already at `out_dir`."""
     prepared = prepare_import(source, options)
-    return ImportResult(write_bundle(out_dir, prepared.manifest, prepared.model_bytes),
-                        prepared.repairs)
+    return ImportResult(write_bundle(out_dir, prepared.manifest, prepared.model_bytes,
+                                     replace=replace), prepared.repairs)
 
 
 def prepare_import(source: Path, options: ImportOptions) -> PreparedImport:
@@ -281,6 +285,7 @@ def prepare_import(source: Path, options: ImportOptions) -> PreparedImport:
     if unknown:
         raise BundleError(f"--output names {sorted(unknown)} are not outputs of the model "
                           f"(it has {sorted(output_shapes)})")
+    _check_resize_to_source(options, output_shapes, smoke_sizes(size)[-1])
     labels = tuple(options.labels) if options.labels is not None else defaults["labels"]
     if options.task == "detect" and not labels:
         classes = output_shapes[outputs["predictions"]][1] - 4
@@ -298,10 +303,34 @@ def prepare_import(source: Path, options: ImportOptions) -> PreparedImport:
             onnx=OnnxFile(file="model.onnx", sha256=hashlib.sha256(model_bytes).hexdigest()),
             source=options.source if options.source is not None else {
                 "file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+            resize_to_source=options.resize_to_source,
         )
     except ValidationError as exc:  # e.g. a name taken from a file stem with spaces in it
-        raise BundleError(f"cannot make a bundle manifest from these options:\n{exc}") from None
+        raise BundleError("cannot make a bundle manifest from these options: "
+                          f"{describe_validation(exc, model=Manifest)}") from None
     return PreparedImport(manifest, model_bytes, repairs)
+
+
+def _check_resize_to_source(options: ImportOptions, output_shapes: dict[str, tuple[int, ...]],
+                            last_size: tuple[int, int]) -> None:
+    """Only spatial maps can be resized back: outputs whose last two dims follow the input's
+    height and width at the same stride (checked on the smoke run's non-square input)."""
+    unknown = sorted(set(options.resize_to_source) - set(output_shapes))
+    if unknown:
+        raise BundleError(f"--resize-to-source names {unknown} are not outputs of the model "
+                          f"(it has {sorted(output_shapes)})")
+    height, width = last_size
+    for name in options.resize_to_source:
+        shape = output_shapes[name]
+        if len(shape) < 2 or not shape[-1] or not shape[-2]:
+            raise BundleError(f"--resize-to-source {name}: its shape {shape} has no (H, W) "
+                              "dims, expected a map (..., H, W)")
+        stride_y, stride_x = height / shape[-2], width / shape[-1]
+        if abs(stride_y - stride_x) > 0.15 * max(stride_x, stride_y):
+            raise BundleError(
+                f"--resize-to-source {name}: shape {shape} on a {width}x{height} input is not "
+                f"a (..., H, W) map of the input (strides {stride_x:g} across, {stride_y:g} "
+                "down), expected one whose last two dims follow the input's height and width")
 
 
 def _check_fixed_size(size: SizePolicy, dims, layout: str) -> None:

@@ -32,7 +32,7 @@ import onnx
 from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from runtime.errors import BundleError, EngineError, SightlineError
+from runtime.errors import BundleError, EngineError, SightlineError, describe_validation
 from runtime.models.bundle import MANIFEST_NAME, Bundle, Manifest, read_manifest, write_bundle
 from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.results import Detection
@@ -586,7 +586,8 @@ def _write_variant(bundle: Bundle, precision: Precision, method: str, onnx_bytes
             },
         })
     except ValidationError as exc:
-        raise BundleError(f"cannot make the variant's manifest:\n{exc}") from None
+        raise BundleError("cannot make the variant's manifest: "
+                          f"{describe_validation(exc, model=Manifest)}") from None
     return write_bundle(out_dir, variant_manifest, onnx_bytes)
 
 

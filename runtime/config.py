@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.engines import EngineSettings
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, describe_validation
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,9 +44,33 @@ class ServerSettings(BaseModel):
     # headset's frames are refused (RATE_LIMITED) before any decode until it sends fewer.
     bad_requests_per_s: float = Field(default=5.0, gt=0)
     bad_request_burst: int = Field(default=50, gt=0)
+    # Dynamic batching across clients: up to this many clients' newest frames of the same
+    # size run as one engine call, where the model has a batch dimension. "auto": 4 when
+    # the engine runs on a GPU, 1 (no batching) on a CPU, where a batch of N costs about N
+    # single calls and only delays the first frame of it.
+    max_batch: int | Literal["auto"] = "auto"
+    # Wait this long for a batch to fill when only one frame is waiting. 0: never wait;
+    # frames that arrive during an inference form the next batch, so no frame waits longer
+    # than the inference in progress and a single client's latency is unchanged.
+    batch_wait_ms: float = Field(default=0.0, ge=0)
+    # Prepare the next frames while the engine runs ("auto": only when the engine runs on
+    # a GPU; on a CPU-bound engine it competes for the cores and adds a thread hand-over).
+    prepare_ahead: Literal["auto", "on", "off"] = "auto"
+    # Run the model in the thread that owns the socket, as a one-thread server would: two
+    # thread hand-overs fewer per frame. "auto": when the daemon serves one model on a
+    # CPU-bound engine (with several, each needs its own thread) that infers in under half
+    # of deadline_ms (a frame arriving mid-inference waits unseen in the socket meanwhile).
+    inline_inference: Literal["auto", "on", "off"] = "auto"
     # Prometheus /metrics endpoint as HOST:PORT (no authentication: keep it on loopback
     # or a management network); unset: no endpoint.
     metrics_listen: str | None = Field(default=None, pattern=r"^[^:]+:\d+$")
+
+    @field_validator("max_batch")
+    @classmethod
+    def _batch_is_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("max_batch is a number of frames, 1 or more (1: no batching)")
+        return value
 
     @field_validator("endpoints")
     @classmethod
@@ -114,14 +138,6 @@ class ServeConfig(BaseModel):
         return value
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        lines.append(f"  {key}: {error['msg']}")
-    return "\n".join(lines)
-
-
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Read `path` (if any), apply dotted-key overrides like {"server.deadline_ms": 100}."""
     data: dict[str, Any] = {}
@@ -144,7 +160,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
         where = f"in {path}" if path else "in the command-line options"
-        raise ConfigError(f"invalid configuration {where}:\n{_describe(exc)}") from None
+        raise ConfigError(f"invalid configuration {where}: "
+                          f"{describe_validation(exc, model=ServeConfig)}") from None
 
 
 def apply_device_profile(config: ServeConfig):

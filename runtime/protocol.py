@@ -214,7 +214,10 @@ def encode_result(
         "dropped": dropped,
     }
     if result.tensors:
-        message["tensors"] = {k: tensor_to_wire(v) for k, v in result.tensors.items()}
+        message["tensors"] = {k: tensor_to_wire(v, in_source=k in result.in_source)
+                              for k, v in result.tensors.items()}
+    if result.transform is not None:  # a v1 extension: clients ignore keys they do not know
+        message["transform"] = result.transform.to_wire()
     if header.pose is not None:
         message["pose"] = list(header.pose)
     if header.intrinsics is not None:

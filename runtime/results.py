@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.transform import FrameTransform
+
 
 @dataclass(frozen=True, slots=True)
 class Detection:
@@ -44,15 +46,24 @@ class Detection:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """What a task decoder returns: overlay primitives, or raw tensors for custom clients."""
+    """What a task decoder returns: overlay primitives, or raw tensors for custom clients.
+
+    Raw results carry the frame's `transform` (tensors are in model-input geometry) and the
+    names of the tensors already resized back to the source frame (`in_source`).
+    """
 
     detections: tuple[Detection, ...] = ()
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    transform: FrameTransform | None = None
+    in_source: frozenset[str] = frozenset()
 
 
-def tensor_to_wire(array: np.ndarray) -> dict[str, Any]:
+def tensor_to_wire(array: np.ndarray, *, in_source: bool = False) -> dict[str, Any]:
     array = np.ascontiguousarray(array)
-    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+    wire = {"dtype": array.dtype.str, "shape": list(array.shape), "data": array.tobytes()}
+    if in_source:  # resized back by the daemon: the last two dims are the source h, w
+        wire["space"] = "source"
+    return wire
 
 
 def tensor_from_wire(wire: dict[str, Any]) -> np.ndarray:

@@ -230,3 +230,23 @@ def branch_on_initializer_model() -> onnx.ModelProto:
         ],
     )
     return _model(graph)
+
+
+def probability_map_model(stride: int = 2) -> onnx.ModelProto:
+    """image [1, 3, height, width] (dynamic) -> prob [1, 1, height/stride, width/stride]: the
+    channel mean, average-pooled by `stride`.
+
+    A stand-in for a third-party text detector's probability map that reproduces its input,
+    so a square drawn on a frame can be found again in the output and mapped back.
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image"], ["gray"], axes=[1], keepdims=1),
+            helper.make_node("AveragePool", ["gray"], ["prob"], kernel_shape=[stride, stride],
+                             strides=[stride, stride]),
+        ],
+        "probability_map",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1, "ph", "pw"])],
+    )
+    return _model(graph)

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import onnx
 
+from runtime.client import Client
 from tests.conftest import SIGHTLINE
 from tests.onnx_models import conv_pool_model
 
@@ -69,7 +71,82 @@ def test_serve_with_a_bad_config_key_names_the_key_and_refuses_to_start(tmp_path
     config.write_text("[server]\ndeadline_ms = -5\nmystery = 1\n")
     done = run("serve", "--config", str(config), timeout=60)
     assert done.returncode == 2
-    assert "server.deadline_ms" in done.stderr and "server.mystery" in done.stderr
+    (line,) = done.stderr.strip().splitlines()  # one line, however many errors
+    assert "server.deadline_ms: got -5, expected greater than 0" in line
+    assert "server.mystery: unknown key, expected one of endpoints, max_clients" in line
+
+
+def test_import_help_shows_every_default_and_the_pad_value_flag():
+    done = run("import", "--help")
+    assert done.returncode == 0, done.stderr
+    help_text = " ".join(done.stdout.split())  # undo click's wrapping
+    for flag, default in [
+        ("--color", "[default: rgb]"),
+        ("--scale", "[default: face: 1; detect, raw: 1/255]"),
+        ("--mean", "[default: 0,0,0 (gray: 0)]"),
+        ("--std", "[default: 1,1,1 (gray: 1)]"),
+        ("--resize", "[default: face: stretch; detect, raw: letterbox]"),
+        ("--pad-value", "[default: 114; 0<=x<=255]"),
+        ("--score", "[default: face, raw: 0.5; detect: 0.25]"),
+        ("--iou", "[default: face: 0.3; detect, raw: 0.45]"),
+        ("--fixed-size", "[default: dynamic spatial dims]"),
+        ("--resize-to-source", "[default: none,"),
+    ]:
+        own_help = help_text.split(f" {flag} ", 1)[1].split(" --", 1)[0]  # up to the next flag
+        assert default in own_help, (flag, own_help)
+    for flag in ("--force", "--labels", "--output"):
+        assert f" {flag} " in help_text
+
+
+def test_a_bad_flag_value_prints_one_line_naming_the_flag(tmp_path: Path):
+    model_path = tmp_path / "net.onnx"
+    onnx.save(conv_pool_model(), model_path)
+    done = run("import", str(model_path), "--task", "raw", "--mean", "0.5,0.5",
+               "--out", str(tmp_path / "net"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --mean: got 2 values 0.5,0.5, expected 3, one per channel of color rgb"]
+    assert not (tmp_path / "net").exists()
+
+
+def test_import_onto_an_existing_bundle_is_refused_without_force(tmp_path: Path, daemon_factory):
+    model_path = tmp_path / "net.onnx"
+    onnx.save(conv_pool_model(), model_path)
+    out = tmp_path / "net"
+    assert run("import", str(model_path), "--task", "raw", "--out", str(out)).returncode == 0
+    served = daemon_factory("--model", str(out))
+    before = (out / "manifest.json").read_text()
+
+    refused = run("import", str(model_path), "--task", "raw", "--version", "2", "--out", str(out))
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "already holds the bundle net@1" in line and "--force" in line
+    assert (out / "manifest.json").read_text() == before
+
+    forced = run("import", str(model_path), "--task", "raw", "--version", "2", "--out", str(out),
+                 "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((out / "manifest.json").read_text())["version"] == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net", "net.onnx"]  # no staging left
+    # the daemon serving the replaced bundle carries on with the copy it loaded
+    with Client(served.endpoint, max_in_flight=1) as client:
+        assert client.wait_connected(10)
+        assert client.send(np.zeros((64, 96, 3), np.uint8)) is not None
+        reply = client.recv(10)
+    assert reply is not None and reply.kind == "result", reply and reply.message
+    assert reply.message["model_version"] == "1"
+
+
+def test_import_never_replaces_a_directory_that_is_not_a_bundle(tmp_path: Path):
+    model_path = tmp_path / "net.onnx"
+    onnx.save(conv_pool_model(), model_path)
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"jpeg")
+    done = run("import", str(model_path), "--task", "raw", "--out", str(precious), "--force")
+    assert done.returncode == 2
+    assert "is not a bundle" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert (precious / "holiday.jpg").read_bytes() == b"jpeg"
 
 
 def test_ping_names_the_endpoint_when_no_daemon_answers(short_tmp: Path):

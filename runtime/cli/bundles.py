@@ -8,29 +8,44 @@ import click
 
 from runtime.cli.console import err_console
 from runtime.cli.options import (
+    ShownDefault,
     bundle_flags,
     bundle_output_flags,
     dynamic_size_flags,
+    import_flags,
     parse_floats,
     parse_size,
 )
+from runtime.errors import BundleError, ConfigError, describe_validation
 
 
 @click.command("import")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @bundle_output_flags("the file's stem")
-@click.option("--fixed-size", metavar="WxH",
+@click.option("--fixed-size", metavar="WxH", cls=ShownDefault, default_text="dynamic spatial dims",
               help="Keep a fixed input size (e.g. 640x640) instead of dynamic spatial dims.")
 @dynamic_size_flags
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
-@bundle_flags
+@bundle_flags(show_defaults=True)
+@import_flags
 def import_model(model, task, name, version, out, archive, fixed_size, multiple_of, max_size,
-                 layout, color, scale, mean, std, resize, labels, score, iou, outputs) -> None:
-    """Make a verified bundle from a third-party ONNX file, repairing common defects."""
+                 layout, color, scale, mean, std, resize, labels, score, iou, outputs,
+                 pad_value, resize_to_source, force) -> None:
+    """Make a verified bundle from a third-party ONNX file, repairing common defects.
+
+    Defaults that depend on --task are shown per task. An existing bundle at --out is
+    replaced only with --force.
+    """
     from exporters.onnx_import import import_onnx
-    from runtime.models.bundle import SizePolicy
+    from runtime.models.bundle import SizePolicy, existing_bundle
 
     name = name or model.stem
+    out = out or Path(name)
+    existing = existing_bundle(out)  # before the slow part: say it now, not after a minute
+    if existing is not None and not force:
+        raise BundleError(f"--out {out} already holds the bundle {existing}; add --force to "
+                          "replace it (a daemon serving it keeps its loaded copy until it "
+                          "restarts or is updated)")
     if fixed_size:
         width, height = parse_size(fixed_size, "--fixed-size")
         size = SizePolicy(mode="fixed", width=width, height=height)
@@ -39,9 +54,10 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
         size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
                           max_height=max_h)
     options = _bundle_options(task, name, version, not fixed_size, size, color, scale, mean, std,
-                              resize, labels, score, iou, outputs, layout=layout)
+                              resize, labels, score, iou, outputs, layout=layout,
+                              pad_value=pad_value, resize_to_source=resize_to_source)
     with err_console.status(f"importing {model.name}: repairing, checking, test-running ..."):
-        result = import_onnx(model, options, out or Path(name))
+        result = import_onnx(model, options, out, replace=force)
     for repair in result.repairs:
         click.echo(f"  repaired: {repair}")
     bundle = result.bundle
@@ -50,14 +66,22 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
         _write_archive(bundle)
 
 
+# Manifest fields -> the flags that set them, so a validation error names what was typed.
+FLAG_NAMES = {"color": "--color", "scale": "--scale", "mean": "--mean", "std": "--std",
+              "resize": "--resize", "pad_value": "--pad-value", "score": "--score",
+              "iou": "--iou", "name": "--name", "version": "--version",
+              "resize_to_source": "--resize-to-source"}
+
+
 def _bundle_options(task, name, version, dynamic, size, color, scale, mean, std, resize,
-                    labels, score, iou, outputs, layout="NCHW"):
+                    labels, score, iou, outputs, layout="NCHW", pad_value=None,
+                    resize_to_source=()):
     """ImportOptions from the bundle flags `import` and `export` share."""
     from exporters.onnx_import import TASK_DEFAULTS, ImportOptions
 
     defaults = TASK_DEFAULTS[task]
     pre_updates = {k: v for k, v in dict(
-        color=color, scale=scale, resize=resize,
+        color=color, scale=scale, resize=resize, pad_value=pad_value,
         mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std")).items() if v is not None}
     if color == "gray":
         pre_updates.setdefault("mean", (0.0,))
@@ -74,7 +98,7 @@ def _bundle_options(task, name, version, dynamic, size, color, scale, mean, std,
         task=task, name=name, version=version, dynamic=dynamic, size=size, layout=layout,
         preprocess=_validated(defaults["preprocess"], pre_updates),
         thresholds=_validated(defaults["thresholds"], th_updates),
-        labels=label_list, outputs=role_map)
+        labels=label_list, outputs=role_map, resize_to_source=tuple(resize_to_source))
 
 
 def _validated(model, updates):
@@ -83,7 +107,7 @@ def _validated(model, updates):
     try:
         return model.model_validate({**model.model_dump(), **updates})
     except ValidationError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise ConfigError(describe_validation(exc, FLAG_NAMES, type(model))) from None
 
 
 @click.command()
@@ -125,7 +149,7 @@ def fetch() -> None:
 @click.option("--samples", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of images to verify with (first 8; default: the astronaut photo).")
 @dynamic_size_flags
-@bundle_flags
+@bundle_flags()
 def export_model(model, weights, task, name, version, out, archive, input_size, static, opset,
                  simplify, atol, rtol, samples, multiple_of, max_size, color, scale, mean, std,
                  resize, labels, score, iou, outputs) -> None:

@@ -4,13 +4,7 @@ Imports only the shared vocabulary (protocol, results, curve_keys) and pyzmq/num
 runtime.daemon or the engines, so a headset tool can ship it without the daemon's stack.
 """
 
-from runtime.client.sdk import (
-    Client,
-    ClientCounters,
-    Reply,
-    apply_curve,
-    curve_options,
-    query_info,
-)
+from runtime.client.reply import ClientCounters, Reply
+from runtime.client.sdk import Client, apply_curve, curve_options, query_info
 
 __all__ = ["Client", "ClientCounters", "Reply", "apply_curve", "curve_options", "query_info"]

@@ -3,6 +3,8 @@
 `send` never blocks: a frame that cannot go out at once (window full, daemon away) is
 reported as not sent, because for AR the next frame is better than a late one. A
 background I/O thread owns the DEALER socket; replies arrive by callback or iterator.
+With `io_thread=False` the calling thread owns it instead (send and recv do the socket
+I/O themselves): no thread hand-overs, as cheap as a bare DEALER, for one thread only.
 ZeroMQ reconnects by itself after a daemon restart; frames lost with the old daemon
 are reported as "lost" after `reply_timeout`, freeing the in-flight window.
 """
@@ -16,7 +18,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,83 +25,18 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from runtime.client.reply import ClientCounters, Reply
 from runtime.curve_keys import load_public_key, make_curve_client
-from runtime.protocol import decode_reply, detections_from_reply, encode_request
-from runtime.results import Detection, tensor_from_wire
+from runtime.protocol import decode_reply, encode_request
 
 log = logging.getLogger(__name__)
 _instance = itertools.count()
 ENCODING_FOR_CHANNELS = {1: "gray8", 3: "bgr8"}
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One answer to one frame: kind is result, error, dropped, lost or pong."""
-
-    kind: str
-    seq: int | None
-    message: dict[str, Any]
-    sent_at: float | None = None  # client clock, when the frame was handed to the socket
-    received_at: float = field(default_factory=time.time)
-
-    @property
-    def ok(self) -> bool:
-        return self.kind == "result"
-
-    @property
-    def detections(self) -> tuple[Detection, ...]:
-        return detections_from_reply(self.message)
-
-    @property
-    def tensors(self) -> dict[str, np.ndarray]:
-        return {k: tensor_from_wire(v) for k, v in self.message.get("tensors", {}).items()}
-
-    @property
-    def tracks(self) -> list[dict[str, Any]]:
-        """Tracked detections (track_id, detection, anchor) when spatial results were asked."""
-        return self.message.get("tracks", [])
-
-    @property
-    def planes(self) -> list[dict[str, Any]]:
-        return self.message.get("planes", {}).get("planes", [])
-
-    @property
-    def annotated(self) -> np.ndarray | None:
-        """The daemon's annotated frame (BGR), when `annotate` was asked for."""
-        jpeg = self.message.get("annotated_jpeg")
-        if not jpeg:
-            return None
-        import cv2
-
-        return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-
-    @property
-    def stamps(self) -> dict[str, float]:
-        return self.message.get("t", {})
-
-    @property
-    def round_trip_s(self) -> float | None:
-        return None if self.sent_at is None else self.received_at - self.sent_at
-
-    @property
-    def error(self) -> str | None:
-        if self.kind != "error":
-            return None
-        return f"{self.message.get('code')}: {self.message.get('message')}"
-
-
-@dataclass
-class ClientCounters:
-    sent: int = 0
-    not_sent: int = 0  # window full or no daemon connected
-    results: int = 0
-    errors: int = 0
-    dropped: int = 0  # superseded or expired at the daemon
-    lost: int = 0  # no reply within reply_timeout (daemon restarted or gone)
-
-
 class Client:
-    """Streams frames to a Sightline daemon. Thread-safe `send`; replies in one I/O thread."""
+    """Streams frames to a Sightline daemon. Thread-safe `send`; replies in one I/O thread
+    (or, with `io_thread=False`, everything in the one thread that uses the client)."""
 
     def __init__(
         self,
@@ -114,12 +50,19 @@ class Client:
         max_queued_replies: int = 256,
         server_key: bytes | str | Path | None = None,
         client_key: str | Path | None = None,
+        io_thread: bool = True,
     ) -> None:
         """`server_key`: the daemon's public key (Z85 bytes, or its .key file) and
         `client_key`: this headset's .key_secret file, for a CURVE daemon. The daemon is
         verified by its key: a daemon without the matching secret cannot complete the
         handshake, so nothing is sent to an impostor (no trust on first use).
+        `io_thread=False`: no background thread; `recv` and `wait_connected` do the
+        socket I/O, so replies only arrive while the caller is in them, and the client
+        must be used from one thread. Saves two thread hand-overs per frame each way.
         """
+        if on_reply is not None and not io_thread:
+            raise ValueError("on_reply needs the I/O thread: replies arrive while the "
+                             "caller does other things (drop io_thread=False)")
         self.endpoint = endpoint
         self._curve = curve_options(server_key, client_key)
         self.model = model
@@ -133,6 +76,16 @@ class Client:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._pending: dict[int, float] = {}  # seq -> client time sent (direct mode)
+        self._direct: tuple[zmq.Socket, zmq.Socket, zmq.Poller] | None = None
+        if not io_thread:
+            dealer, monitor = self._open_dealer()
+            poller = zmq.Poller()
+            poller.register(dealer, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            self._direct = (dealer, monitor, poller)
+            return
         inbox = f"inproc://sightline-client-{next(_instance)}"
         self._outbox = self._context.socket(zmq.PUSH)  # used under self._lock
         self._outbox.setsockopt(zmq.LINGER, 0)
@@ -140,7 +93,6 @@ class Client:
         self._thread = threading.Thread(target=self._io_loop, args=(inbox,),
                                         name="sightline-client-io", daemon=True)
         self._ready = threading.Event()
-        self._connected = threading.Event()
         self._thread.start()
         self._ready.wait()
 
@@ -207,17 +159,49 @@ class Client:
             if intrinsics is not None:
                 header["intrinsics"] = [float(v) for v in intrinsics]
             header.update(extra or {})
+            if self._direct is not None:
+                self._send_direct(seq, [encode_request(header), *payload])
+                return seq
             # seq travels beside the header so the I/O thread need not decode it again
             self._outbox.send_multipart([seq.to_bytes(8, "little"), encode_request(header),
                                          *payload], copy=False)
             return seq
 
+    def _send_direct(self, seq: int, parts: list) -> None:
+        sent_at = time.time()  # before: the daemon may read it before send returns
+        try:
+            self._direct[0].send_multipart(parts, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._in_flight -= 1  # under self._lock already
+            self.counters.not_sent += 1
+            self._deliver(Reply("not_sent", seq, {"reason": "no daemon connected"}))
+            return
+        self.counters.sent += 1
+        self._pending[seq] = sent_at
+
     def recv(self, timeout: float | None = None) -> Reply | None:
         """The next reply (iterator mode), or None after `timeout` seconds."""
+        if self._direct is not None:
+            self._pump_until(lambda: not self._replies.empty(), timeout)
         try:
-            return self._replies.get(timeout=timeout)
+            return self._replies.get(timeout=None if self._direct else timeout)
         except queue.Empty:
             return None
+
+    def _pump_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """Direct mode: read replies and connection events until `done()` or timeout."""
+        dealer, monitor, poller = self._direct
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            wait = self.reply_timeout if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                return
+            events = dict(poller.poll(max(1, int(min(wait, self.reply_timeout) * 1000))))
+            if dealer in events:
+                self._read_replies(dealer, self._pending)
+            if monitor in events:
+                self._track_connection(monitor)
+            self._expire(self._pending)
 
     def replies(self, timeout: float | None = None) -> Iterator[Reply]:
         """Yield replies until none arrives for `timeout` seconds (forever if None)."""
@@ -237,7 +221,9 @@ class Client:
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until a daemon is connected; frames sent before that are not sent."""
-        return self._connected.wait(timeout)
+        if self._direct is not None:
+            self._pump_until(self._connected.is_set, timeout)
+        return self._connected.wait(0 if self._direct else timeout)
 
     @property
     def in_flight(self) -> int:
@@ -246,6 +232,12 @@ class Client:
 
     def close(self) -> None:
         self._stop.set()
+        if self._direct is not None:
+            dealer, monitor, _ = self._direct
+            dealer.disable_monitor()
+            monitor.close()
+            dealer.close()
+            return
         self._thread.join()
         with self._lock:
             self._outbox.close()
@@ -261,16 +253,7 @@ class Client:
         inbox = self._context.socket(zmq.PULL)
         inbox.setsockopt(zmq.LINGER, 0)
         inbox.connect(inbox_endpoint)
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        # Queue nothing for a daemon that is not there: the frame is stale by then anyway.
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        apply_curve(dealer, self._curve)
-        monitor = dealer.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        dealer.connect(self.endpoint)
+        dealer, monitor = self._open_dealer()
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
@@ -292,6 +275,19 @@ class Client:
             monitor.close()
             inbox.close()
             dealer.close()
+
+    def _open_dealer(self) -> tuple[zmq.Socket, zmq.Socket]:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a daemon that is not there: the frame is stale by then anyway.
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        apply_curve(dealer, self._curve)
+        monitor = dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        dealer.connect(self.endpoint)
+        return dealer, monitor
 
     def _track_connection(self, monitor: zmq.Socket) -> None:
         while monitor.poll(0):

@@ -40,6 +40,17 @@ class LatestSlots(Generic[Job]):
                 return None
             return self._pending.popitem(last=False)
 
+    def take_more(self, limit: int) -> list[tuple[bytes, Job]]:
+        """Up to `limit` more waiting frames at once, without waiting (to fill a batch)."""
+        with self._cond:
+            taken = []
+            while self._pending and len(taken) < limit:
+                taken.append(self._pending.popitem(last=False))
+            return taken
+
+    def waiting(self) -> int:
+        return len(self._pending)  # len() of a dict is atomic; a hint, not a promise
+
     def count_drop(self, client: bytes) -> int:
         with self._cond:
             self._dropped[client] = self._dropped.get(client, 0) + 1

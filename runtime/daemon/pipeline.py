@@ -1,9 +1,16 @@
-"""One model's frame pipeline: decode+preprocess overlaps inference.
+"""One model's frame pipeline: newest frames in, replies out, the engine never waiting.
 
-Two named threads per model. The prepare thread takes the newest waiting frame, decodes
-and preprocesses it while the previous frame is in the engine; the infer thread runs the
-engine, decodes outputs and hands the encoded reply to the socket-owning I/O thread over
-an inproc PUSH socket (ZeroMQ sockets are not thread-safe: each thread owns its own).
+Who runs what, per model (threads are named after the model):
+- infer: takes the newest waiting frame of each client (up to `max_batch` of them, run as
+  one engine call where the model has a batch dimension), decodes the outputs and hands
+  the encoded reply to the socket-owning I/O thread over an inproc PUSH socket (ZeroMQ
+  sockets are not thread-safe: each thread owns its own). Inline (one model on a CPU
+  engine), the I/O thread does this itself and replies directly: see run_inline.
+- prepare (only with `prepare_ahead`): decodes and preprocesses the next frames while the
+  engine runs. That pays off where inference leaves the CPU free (a GPU); on a CPU-bound
+  engine it only adds a thread hand-over, so by default the infer thread prepares itself.
+- spatial: tracking, anchors, planes and annotation for frames that ask for them, so a
+  plane recompute (15-20 ms) never delays the model's next inference.
 """
 
 from __future__ import annotations
@@ -12,70 +19,36 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
-import numpy as np
 import zmq
 
-from runtime.daemon.decode import decode_depth, decode_pixels
+from runtime.daemon.inference import (
+    FrameJob,
+    LoadedModel,
+    Prepared,
+    annotate,
+    batch_capacity,
+    batches,
+    infer,
+    prepare,
+)
 from runtime.daemon.latest import LatestSlots
 from runtime.engines import Engine
 from runtime.errors import ProtocolError, SightlineError
 from runtime.models.bundle import Bundle
-from runtime.models.preprocess import FrameTransform, Preprocessor
-from runtime.protocol import ErrorCode, FrameHeader, encode_dropped, encode_error, encode_result
-from runtime.tasks import make_decoder
+from runtime.protocol import ErrorCode, encode_dropped, encode_error, encode_result
+from runtime.results import TaskResult
+
+__all__ = ["FrameJob", "LoadedModel", "ModelPipeline", "PipelineCounters"]
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
-
-
-@dataclass(slots=True)
-class FrameJob:
-    header: FrameHeader
-    payload: memoryview | bytes
-    received: float  # server wall clock, seconds
-    keepalive: object = None  # the zmq.Frames backing the buffers, kept alive until done
-    depth: memoryview | bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedModel:
-    """Everything per-model that a frame needs, swapped as one reference (hot swap)."""
-
-    bundle: Bundle
-    engine: Engine
-    preprocess: Preprocessor
-    decode_outputs: object
-    input_name: str
-
-    @classmethod
-    def of(cls, bundle: Bundle, engine: Engine) -> LoadedModel:
-        manifest = bundle.manifest
-        return cls(bundle, engine, Preprocessor(manifest.input, manifest.preprocess),
-                   make_decoder(manifest), manifest.input.name)
-
-    def warm_up(self, size: tuple[int, int] = (640, 480), runs: int = 2) -> None:
-        width, height = size
-        tensor, _ = self.preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
-        for _ in range(runs):
-            self.engine.infer({self.input_name: tensor})
-
-
-@dataclass(slots=True)
-class _Prepared:
-    model: LoadedModel  # the model this frame was prepared for; it is inferred with it too
-    client: bytes
-    job: FrameJob
-    tensor: np.ndarray
-    transform: FrameTransform
-    stamps: dict[str, float]
-    image: np.ndarray  # decoded frame, for the annotated reply
-    depth: np.ndarray | None
+Send = Callable[[bytes, bytes], None]  # (client identity, encoded reply)
 
 
 class PipelineCounters:
-    """Frame outcomes, bumped by both pipeline threads (hence the lock), read by reporting."""
+    """Frame outcomes, bumped by the pipeline threads (hence the lock), read by reporting."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -86,10 +59,27 @@ class PipelineCounters:
             setattr(self, name, getattr(self, name) + 1)
 
 
+def prepares_ahead(engine: Engine) -> bool:
+    """Whether preparing the next frame during inference helps: when the engine runs on a
+    GPU, yes; when it runs on the CPU cores the preparing would run on, no."""
+    return "CPU" not in engine.provider.upper()
+
+
 class ModelPipeline:
     def __init__(self, bundle: Bundle, engine: Engine, context: zmq.Context, reply_endpoint: str,
-                 deadline_s: float) -> None:
-        self._model = LoadedModel.of(bundle, engine)
+                 deadline_s: float, *, max_batch: int = 1, batch_wait_s: float = 0.0,
+                 prepare_ahead: bool | None = None, inline: bool | None = False) -> None:
+        """`inline`: no infer thread, the owner of the socket calls run_inline(); None:
+        inline if the warmed-up model infers in under half the deadline (a frame that
+        arrives during an inline inference waits in the socket, unseen, for up to one
+        inference: that must stay well inside the deadline)."""
+        capacity = batch_capacity(engine)
+        self.max_batch = max(1, min(max_batch, capacity or max_batch))
+        self._batch_wait_s = batch_wait_s
+        self._prepare_ahead = prepares_ahead(engine) if prepare_ahead is None else prepare_ahead
+        self.inline = inline
+        self._buffers = 2 * self.max_batch
+        self._model = LoadedModel.of(bundle, engine, buffers=self._buffers)
         self._retired: list[LoadedModel] = []  # swapped out; closed once no frame uses them
         self._swap_lock = threading.Lock()
         self.counters = PipelineCounters()
@@ -97,20 +87,30 @@ class ModelPipeline:
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
         self._slots: LatestSlots[FrameJob] = LatestSlots()
+        # Frames whose 2D result is done and that wait for the spatial thread (newest wins).
+        self._spatial_slots: LatestSlots[tuple[Prepared, TaskResult]] = LatestSlots()
         self.metrics = None  # runtime.daemon.metrics.Metrics when the daemon exports metrics
+        self._metrics_lock = threading.Lock()  # the infer and spatial threads both observe
         self._spatial = None  # SpatialStage, made at start-up
         self._spatial_lock = threading.Lock()
-        # Capacity 1 hand-over: at most one frame prepared ahead of the one in the engine.
-        self._ready: queue.Queue[_Prepared] = queue.Queue(maxsize=1)
+        # Capacity 1 hand-over: at most one batch prepared ahead of the one in the engine.
+        self._ready: queue.Queue[list[Prepared]] = queue.Queue(maxsize=1)
         self._free = threading.Semaphore(1)
         self._stop = threading.Event()
         # Each loop stamps its beat every turn (at least every POLL_S); see healthy().
-        self._beats = {"prepare": time.monotonic(), "infer": time.monotonic()}
-        name = bundle.name
-        self._threads = [
-            threading.Thread(target=self._prepare_loop, name=f"sightline-prepare-{name}"),
-            threading.Thread(target=self._infer_loop, name=f"sightline-infer-{name}"),
-        ]
+        self._beats = {"infer": time.monotonic(), "spatial": time.monotonic()}
+        self._threads: list[threading.Thread] = []  # made by start(), once inline is known
+
+    def _make_threads(self) -> None:
+        loops: dict[str, Callable[[], None]] = {"spatial": self._spatial_loop}
+        if not self.inline:
+            loops["infer"] = self._infer_loop
+            if self._prepare_ahead:
+                loops["prepare"] = self._prepare_loop
+        self._beats = {role: time.monotonic() for role in (*loops, "infer")}
+        name = self._model.bundle.name
+        self._threads = [threading.Thread(target=loop, name=f"sightline-{role}-{name}")
+                         for role, loop in loops.items()]
 
     @property
     def bundle(self) -> Bundle:
@@ -126,7 +126,7 @@ class ModelPipeline:
         them; no frame fails or waits because of the swap."""
         if bundle.name != self._model.bundle.name:
             raise SightlineError(f"cannot swap {bundle.name} into the {self.bundle.name} pipeline")
-        new = LoadedModel.of(bundle, engine)
+        new = LoadedModel.of(bundle, engine, buffers=self._buffers)
         with self._swap_lock:
             old, self._model = self._model, new  # one reference store: atomic for readers
             self._retired.append(old)
@@ -151,13 +151,17 @@ class ModelPipeline:
     def dropped(self, client: bytes) -> int:
         return self._slots.dropped(client)
 
+    def waiting(self) -> int:
+        return self._slots.waiting()
+
     def forget(self, client: bytes) -> None:
         self._slots.forget(client)
+        self._spatial_slots.forget(client)
         if self._spatial is not None:
-            self._spatial.forget(client)  # racy with the infer thread only for a gone client
+            self._spatial.forget(client)  # racy with the spatial thread only for a gone client
 
     def healthy(self, stall_s: float = 5.0) -> bool:
-        """Both threads alive and turning (a stuck engine call shows as a stale beat)."""
+        """Every thread alive and turning (a stuck engine call shows as a stale beat)."""
         now = time.monotonic()
         return (all(t.is_alive() for t in self._threads)
                 and now - min(self._beats.values()) < stall_s)
@@ -172,114 +176,179 @@ class ModelPipeline:
         # that asks for planes (that model would stall for the second).
         self._spatial_stage()
         if warm_up_size is not None:
-            self._model.warm_up(warm_up_size)
+            seconds = self._model.warm_up(warm_up_size, batch=self.max_batch)
+            if self.inline is None:
+                self.inline = seconds < self._deadline_s / 2
+        self.inline = bool(self.inline)
+        self._make_threads()
         for thread in self._threads:
             thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if not self._threads:  # never started
+            self._model.engine.close()
+            return
         self._slots.wake()
+        self._spatial_slots.wake()
         for thread in self._threads:
             thread.join()
         self._close_retired(None)
         self._model.engine.close()
 
+    # -- inline mode: the I/O thread runs the model ------------------------------------
+    def run_inline(self, send: Send) -> bool:
+        """Infer the frames waiting now, replying with `send`; False when none waited.
+
+        For a daemon serving one model on a CPU-bound engine, the socket-owning thread
+        running the model itself saves two thread hand-overs per frame (~0.25 ms here);
+        frames that arrive meanwhile queue in the socket and the newest still wins."""
+        self._beats["infer"] = time.monotonic()
+        if not self._slots.waiting():
+            return False
+        for group in batches(self._prepare_batch(send, wait_s=0.0)):
+            self._infer_group(group, send)
+            self._close_retired(group[0].model)
+        return True
+
     # -- pipeline threads ---------------------------------------------------------------
-    def _reply_socket(self) -> zmq.Socket:
+    def _reply_sender(self) -> tuple[Send, Callable[[], None]]:
         socket = self._context.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(self._reply_endpoint)
-        return socket
+        return (lambda client, reply: socket.send_multipart([client, reply])), socket.close
 
     def _prepare_loop(self) -> None:
-        replies = self._reply_socket()
+        send, close = self._reply_sender()
         try:
             while not self._stop.is_set():
                 self._beats["prepare"] = time.monotonic()
                 if not self._free.acquire(timeout=POLL_S):
                     continue
-                prepared = self._prepare_next(replies)
-                if prepared is None:
+                prepared = self._prepare_batch(send)
+                if not prepared:
                     self._free.release()
                     continue
                 self._ready.put(prepared)
         finally:
-            replies.close()
+            close()
 
-    def _prepare_next(self, replies: zmq.Socket) -> _Prepared | None:
-        taken = self._slots.take(POLL_S)
+    def _prepare_batch(self, send: Send, wait_s: float = POLL_S) -> list[Prepared]:
+        """The newest frame of up to `max_batch` clients, decoded and preprocessed."""
+        taken = self._slots.take(wait_s)
         if taken is None:
-            return None
-        client, job = taken
-        if self._expired(client, job, replies):
-            return None
+            return []
+        jobs = [taken]
+        if self.max_batch > 1:
+            if self._batch_wait_s > 0 and not self._slots.waiting():
+                time.sleep(self._batch_wait_s)  # only when asked to: it delays this frame
+            jobs += self._slots.take_more(self.max_batch - 1)
+        taken_at = time.time()
         model = self._model
-        try:
-            image, color = decode_pixels(job.header, job.payload)
-            depth = (decode_depth(job.header.depth, job.depth)
-                     if job.header.depth is not None else None)
-            decoded = time.time()
-            tensor, transform = model.preprocess(image, color)
-        except ProtocolError as exc:
-            self.counters.add("errors")
-            replies.send_multipart([client, encode_error(job.header.seq, exc.code, exc.message)])
-            return None
-        except Exception as exc:  # a bug must cost one frame, never the model's thread
-            log.exception("preprocessing failed on a frame for %s", model.bundle.name)
-            self.counters.add("errors")
-            replies.send_multipart([client, encode_error(
-                job.header.seq, ErrorCode.INTERNAL, f"preprocessing failed: {exc}")])
-            return None
-        stamps = {"received": job.received, "decoded": decoded, "preprocessed": time.time()}
-        return _Prepared(model, client, job, tensor, transform, stamps, image, depth)
+        prepared = []
+        for client, job in jobs:
+            if self._expired(client, job, send):
+                continue
+            try:
+                prepared.append(prepare(model, client, job, taken_at))
+            except ProtocolError as exc:
+                self.counters.add("errors")
+                send(client, encode_error(job.header.seq, exc.code, exc.message))
+            except Exception as exc:  # a bug must cost one frame, never the model's thread
+                log.exception("preprocessing failed on a frame for %s", model.bundle.name)
+                self.counters.add("errors")
+                send(client, encode_error(job.header.seq, ErrorCode.INTERNAL,
+                                          f"preprocessing failed: {exc}"))
+        return prepared
 
-    def _expired(self, client: bytes, job: FrameJob, replies: zmq.Socket) -> bool:
+    def _expired(self, client: bytes, job: FrameJob, send: Send) -> bool:
         if time.time() - job.received <= self._deadline_s:
             return False
         self.counters.add("expired")
         total = self._slots.count_drop(client)
-        replies.send_multipart([client, encode_dropped(job.header.seq, "expired", total)])
+        send(client, encode_dropped(job.header.seq, "expired", total))
         return True
 
+    def _next_batch(self, send: Send) -> list[Prepared]:
+        if not self._prepare_ahead:
+            return self._prepare_batch(send)
+        try:
+            items = self._ready.get(timeout=POLL_S)
+        except queue.Empty:
+            return []
+        self._free.release()  # the next batch may be prepared while this one is inferred
+        # Checked again here: a prepared frame waits out the previous inference.
+        return [item for item in items if not self._expired(item.client, item.job, send)]
+
     def _infer_loop(self) -> None:
-        replies = self._reply_socket()
+        send, close = self._reply_sender()
         try:
             while not self._stop.is_set():
                 self._beats["infer"] = time.monotonic()
-                try:
-                    item = self._ready.get(timeout=POLL_S)
-                except queue.Empty:
+                for group in batches(self._next_batch(send)):
+                    self._infer_group(group, send)
+                    self._close_retired(group[0].model)
+        finally:
+            close()
+
+    def _infer_group(self, group: list[Prepared], send: Send) -> None:
+        manifest = group[0].model.bundle.manifest
+        try:
+            results = infer(group)
+        except Exception as exc:  # the engine failed: every frame of the call gets told
+            log.error("model %s failed on %d frame(s): %s", manifest.name, len(group), exc)
+            for item in group:
+                self.counters.add("errors")
+                send(item.client, encode_error(item.job.header.seq, ErrorCode.INTERNAL,
+                                               str(exc)))
+            return
+        for item, result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("model %s: output decoding failed on a frame: %s", manifest.name,
+                          result)
+                self.counters.add("errors")
+                send(item.client, encode_error(item.job.header.seq, ErrorCode.INTERNAL,
+                                               f"output decoding failed: {result}"))
+            elif item.job.header.wants_spatial or item.job.header.annotate:
+                superseded = self._spatial_slots.put(item.client, (item, result))
+                if superseded is not None:  # the spatial thread is behind: newest wins
+                    old = superseded[0]
+                    send(old.client, encode_dropped(old.job.header.seq, "superseded",
+                                                    self._slots.count_drop(old.client)))
+            else:
+                send(item.client, self._reply(item, result, {}))
+
+    def _reply(self, item: Prepared, result: TaskResult, extra: dict) -> bytes:
+        manifest = item.model.bundle.manifest
+        self.counters.add("results")
+        reply = encode_result(item.job.header, manifest.name, manifest.version, result,
+                              item.stamps, self._slots.dropped(item.client), extra)
+        if self.metrics is not None:  # ~1 us; stamps now include "sent"
+            with self._metrics_lock:
+                self.metrics.observe_frame(manifest.name, item.stamps)
+        return reply
+
+    def _spatial_loop(self) -> None:
+        send, close = self._reply_sender()
+        try:
+            while not self._stop.is_set():
+                self._beats["spatial"] = time.monotonic()
+                taken = self._spatial_slots.take(POLL_S)
+                if taken is None:
                     continue
-                manifest = item.model.bundle.manifest
-                # The next frame may be prepared while this one is in the engine.
-                self._free.release()
-                # Checked again here: a prepared frame waits out the previous inference.
-                if self._expired(item.client, item.job, replies):
-                    continue
+                client, (item, result) = taken
                 try:
-                    reply = self._run(item, manifest.name, manifest.version)
-                    if self.metrics is not None:  # ~1 us; stamps now include "sent"
-                        self.metrics.observe_frame(manifest.name, item.stamps)
-                except SightlineError as exc:
-                    log.error("model %s failed on a frame: %s", manifest.name, exc)
-                    self.counters.add("errors")
-                    reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL, str(exc))
-                except Exception as exc:  # a decoder bug must cost one frame, not the thread
-                    log.exception("model %s failed on a frame", manifest.name)
+                    reply = self._reply(item, result, self._spatial_extra(item, result))
+                except Exception as exc:  # a bug must cost one frame, never the thread
+                    log.exception("spatial processing failed on a frame")
                     self.counters.add("errors")
                     reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL,
-                                         f"output decoding failed: {exc}")
-                replies.send_multipart([item.client, reply])
-                self._close_retired(item.model)
+                                         f"spatial processing failed: {exc}")
+                send(client, reply)
         finally:
-            replies.close()
+            close()
 
-    def _run(self, item: _Prepared, name: str, version: str) -> bytes:
-        model = item.model
-        outputs = model.engine.infer({model.input_name: item.tensor})
-        item.stamps["inferred"] = time.time()
-        result = model.decode_outputs(outputs, item.transform)
-        item.stamps["postprocessed"] = time.time()
+    def _spatial_extra(self, item: Prepared, result: TaskResult) -> dict:
         header = item.job.header
         extra = {}
         if header.wants_spatial:
@@ -288,30 +357,12 @@ class ModelPipeline:
         if header.annotate:
             extra["annotated_jpeg"] = annotate(item.image, header, result, extra)
             item.stamps["annotated"] = time.time()
-        self.counters.add("results")
-        return encode_result(header, name, version, result, item.stamps,
-                             self._slots.dropped(item.client), extra)
+        return extra
 
     def _spatial_stage(self):
-        with self._spatial_lock:  # the start-up preload thread and the infer thread
+        with self._spatial_lock:  # the start-up preload thread and the spatial thread
             if self._spatial is None:
                 from runtime.daemon.spatial_stage import SpatialStage
 
                 self._spatial = SpatialStage()
             return self._spatial
-
-
-def annotate(image: np.ndarray, header: FrameHeader, result, extra: dict) -> bytes:
-    """The frame as JPEG with what the reply carries drawn on it (thin clients, debug view)."""
-    import cv2
-
-    from runtime.overlay import draw_reply
-
-    bgr = image if image.ndim == 2 or header.encoding != "rgb8" else image[:, :, ::-1]
-    message = {"detections": [d.to_wire() for d in result.detections], **extra}
-    if header.intrinsics is not None:
-        message["intrinsics"] = list(header.intrinsics)
-    if header.pose is not None:
-        message["pose"] = list(header.pose)
-    ok, jpeg = cv2.imencode(".jpg", draw_reply(bgr, message), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return jpeg.tobytes() if ok else b""

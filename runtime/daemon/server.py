@@ -21,7 +21,7 @@ from runtime.config import ServeConfig
 from runtime.curve_keys import DAEMON_KEY_NAME, HEADSETS_DIR, make_curve_server
 from runtime.daemon.admission import ConnectionMonitor, HandshakeAdmission, RateLimiter
 from runtime.daemon.identity import Headset, Identities
-from runtime.daemon.pipeline import FrameJob, ModelPipeline
+from runtime.daemon.pipeline import FrameJob, ModelPipeline, prepares_ahead
 from runtime.daemon.security import HeadsetAuthenticator
 from runtime.daemon.service import Watchdog
 from runtime.engines import EngineBuilder, open_bundle_engine
@@ -58,6 +58,19 @@ def _user_id(frame: zmq.Frame) -> str | None:
 __all__ = ["RateLimiter", "Server", "ServerCounters"]
 
 
+def _pipeline_options(settings, engine, models: int) -> dict:
+    """Batching, prepare-ahead and inline inference for one model, "auto" resolved for its
+    engine: inline only for a daemon serving one model on a CPU-bound engine."""
+    on_gpu = prepares_ahead(engine)
+    max_batch = settings.max_batch if settings.max_batch != "auto" else (4 if on_gpu else 1)
+    prepare = {"auto": None, "on": True, "off": False}[settings.prepare_ahead]
+    # auto: decided after warm-up (None), and only where one CPU-bound model is served
+    inline = {"auto": None if models == 1 and not on_gpu and prepare is not True else False,
+              "on": True, "off": False}[settings.inline_inference]
+    return {"max_batch": max_batch, "batch_wait_s": settings.batch_wait_ms / 1000.0,
+            "prepare_ahead": prepare, "inline": inline}
+
+
 @dataclass
 class ServerCounters:
     frames: int = 0
@@ -86,7 +99,9 @@ class Server:
                                   "name once (re-import one with another --name)")
             engine = open_bundle_engine(bundle, config.engine, engine_builder)
             self._pipelines[bundle.name] = ModelPipeline(
-                bundle, engine, self._context, self._reply_endpoint, self._deadline_s)
+                bundle, engine, self._context, self._reply_endpoint, self._deadline_s,
+                **_pipeline_options(settings, engine, len(bundles)))
+        self._inline: list[ModelPipeline] = []  # known once the pipelines have started
         self.default_model = bundles[0].name
         # Under CURVE a headset is its enrolled key; in plain mode, its connection.
         self.identities = Identities(by_key=config.security.mode == "curve",
@@ -134,6 +149,7 @@ class Server:
         self._router = router
         for pipeline in self._pipelines.values():
             pipeline.start()
+        self._inline = [p for p in self._pipelines.values() if p.inline]
         return self.endpoints
 
     def _secure(self, router: zmq.Socket) -> None:
@@ -189,11 +205,14 @@ class Server:
         next_sweep = time.monotonic() + 1.0
         try:
             while not stop.is_set():
-                events = dict(poller.poll(POLL_MS))
+                waiting = any(p.waiting() for p in self._inline)
+                events = dict(poller.poll(0 if waiting else POLL_MS))
                 if self._replies in events:
                     self._forward_replies()
                 if self._router in events:
                     self._read_requests()
+                for pipeline in self._inline:  # after reading: the newest frames win
+                    pipeline.run_inline(self._reply_to_slot)
                 if self.monitor.socket in events:
                     self.monitor.handle()
                 if time.monotonic() >= next_sweep:
@@ -237,6 +256,15 @@ class Server:
                     continue  # revoked or idle since: nobody to answer
                 parts[0] = route
             router.send_multipart(parts)
+
+    def _reply_to_slot(self, key: bytes, reply: bytes) -> None:
+        """Inline pipelines' replies: the slot key is the headset, not the route (CURVE)."""
+        if self.identities.by_key:
+            route = self.identities.route_of(key)
+            if route is None:
+                return  # revoked or idle since: nobody to answer
+            key = route
+        self._router.send_multipart([key, reply])
 
     def _read_requests(self) -> None:
         for _ in range(256):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from runtime.engines.seam import TensorSpec
+from runtime.engines.seam import Dim, TensorSpec
 from runtime.errors import EngineError
 from runtime.models.engine_cache import EngineRecord
 
@@ -26,6 +26,12 @@ def import_tensorrt():
     except ImportError as exc:
         raise EngineError(f"TensorRT is not installed here ({exc}); {INSTALL_HINT}") from None
     return tensorrt
+
+
+def spec_shape(dims) -> tuple[Dim, ...]:
+    """An engine's tensor shape as TensorSpec has it: TensorRT marks a dynamic dimension
+    -1, TensorSpec (like ONNX Runtime's specs) None."""
+    return tuple(None if int(d) < 0 else int(d) for d in dims)
 
 
 class TensorRTEngine:
@@ -61,9 +67,9 @@ class TensorRTEngine:
             self._context.set_tensor_address(name, self._device[name].ptr)
         self._input_names = [n for n in names if is_input[n]]
         self._output_names = [n for n in names if not is_input[n]]
-        self._inputs = tuple(TensorSpec(n, dtypes[n], tuple(self._engine.get_tensor_shape(n)))
+        self._inputs = tuple(TensorSpec(n, dtypes[n], spec_shape(self._engine.get_tensor_shape(n)))
                              for n in self._input_names)
-        self._outputs = tuple(TensorSpec(n, dtypes[n], tuple(self._engine.get_tensor_shape(n)))
+        self._outputs = tuple(TensorSpec(n, dtypes[n], spec_shape(self._engine.get_tensor_shape(n)))
                               for n in self._output_names)
 
     @property

@@ -7,20 +7,31 @@ does not repair models (that is `exporters.onnx_import`).
 
 from __future__ import annotations
 
+import errno as errno_module
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from runtime.errors import BundleError
+from runtime.errors import BundleError, describe_validation
 
 MANIFEST_NAME = "manifest.json"
 ARCHIVE_SUFFIX = ".sightline"
@@ -48,7 +59,8 @@ class SizePolicy(_Strict):
     @model_validator(mode="after")
     def _fixed_needs_dims(self) -> SizePolicy:
         if self.mode == "fixed" and (self.height is None or self.width is None):
-            raise ValueError("a fixed size policy needs both height and width")
+            raise ValueError("a fixed size policy needs both height and width, expected "
+                             "both set (or mode dynamic)")
         return self
 
 
@@ -63,19 +75,30 @@ class Preprocess(_Strict):
 
     color: Literal["rgb", "bgr", "gray"] = "rgb"
     scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
-    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # validate_default: color="gray" with the 3-value defaults must fail, naming mean/std
+    mean: tuple[float, ...] = Field(default=(0.0, 0.0, 0.0), validate_default=True)
+    std: tuple[float, ...] = Field(default=(1.0, 1.0, 1.0), validate_default=True)
     resize: Literal["stretch", "letterbox"] = "letterbox"
     pad_value: int = Field(default=114, ge=0, le=255)
 
-    @model_validator(mode="after")
-    def _channels_match(self) -> Preprocess:
-        channels = 1 if self.color == "gray" else 3
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(f"mean and std need {channels} values for color={self.color!r}")
-        if any(s == 0 for s in self.std):
-            raise ValueError("std values must be non-zero")
-        return self
+    # Field validators (not one model validator) so an error names the field that is wrong.
+    @field_validator("mean", "std")
+    @classmethod
+    def _one_per_channel(cls, value: tuple[float, ...], info: ValidationInfo):
+        color = info.data.get("color")
+        channels = 1 if color == "gray" else 3
+        if color is not None and len(value) != channels:
+            raise ValueError(f"got {len(value)} value{'s' * (len(value) != 1)} "
+                             f"{_numbers(value)}, expected {channels}, one per channel of "
+                             f"color {color}")
+        if info.field_name == "std" and any(v == 0 for v in value):
+            raise ValueError(f"got {_numbers(value)}, expected non-zero values (pixels are "
+                             "divided by them)")
+        return value
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 class Thresholds(_Strict):
@@ -108,6 +131,31 @@ class Manifest(_Strict):
     # reference outputs for them. OTA validation runs it on the device (smoke test).
     sample: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.npz$")
     source: dict[str, str] = Field(default_factory=dict, description="provenance, informative")
+    # Task raw: output tensors (..., H, W) the daemon crops to the letterboxed content and
+    # resizes to the source frame before replying. Opt-in: it costs a resize per output.
+    resize_to_source: tuple[str, ...] = ()
+
+    @field_validator("resize_to_source")
+    @classmethod
+    def _raw_outputs_only(cls, value: tuple[str, ...], info: ValidationInfo):
+        if value and info.data.get("task") not in (None, "raw"):
+            raise ValueError(f"got {list(value)} for task {info.data.get('task')!r}, expected "
+                             "none: only raw outputs are resized back (other tasks reply in "
+                             "source pixels already)")
+        chosen = set((info.data.get("outputs") or {}).values())
+        if chosen and not set(value) <= chosen:
+            raise ValueError(f"got {sorted(set(value) - chosen)}, expected names among the "
+                             f"outputs the bundle returns ({sorted(chosen)})")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_options(self, handler):
+        # A manifest that does not use an option added within schema 1 is written without
+        # it, so daemons older than the option (extra="forbid") still accept the bundle.
+        data = handler(self)
+        if not self.resize_to_source:
+            data.pop("resize_to_source", None)
+        return data
 
 
 def sha256_file(path: Path) -> str:
@@ -172,32 +220,90 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise BundleError(f"{manifest_path}: invalid manifest:\n{exc}") from None
+        raise BundleError(f"{manifest_path}: invalid manifest: "
+                          f"{describe_validation(exc, model=Manifest)}") from None
 
 
-def write_bundle(directory: Path, manifest: Manifest, onnx_bytes: bytes) -> Bundle:
-    """Write a bundle directory atomically: a half-written bundle never appears at `directory`."""
+def write_bundle(directory: Path, manifest: Manifest, onnx_bytes: bytes, *,
+                 replace: bool = True) -> Bundle:
+    """Write a bundle directory beside `directory`, then swap it in with one rename.
+
+    A half-written bundle never appears at `directory`, and a bundle already there (one a
+    daemon may be serving, or restart from at any moment) is replaced atomically where the
+    filesystem can exchange two directories (Linux renameat2), else by two renames a few
+    microseconds apart. `replace=False` refuses to replace an existing bundle; a directory
+    that is not a bundle is never replaced.
+    """
     if hashlib.sha256(onnx_bytes).hexdigest() != manifest.onnx.sha256:
         raise BundleError("manifest sha256 does not match the ONNX bytes being written")
     directory = Path(directory)
+    existing = existing_bundle(directory)
+    if existing is not None and not replace:
+        raise BundleError(f"{directory} already holds the bundle {existing}; refusing to "
+                          "replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        (staging / manifest.onnx.file).write_bytes(onnx_bytes)
-        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+        _write_synced(staging / manifest.onnx.file, onnx_bytes)
+        _write_synced(staging / MANIFEST_NAME,
+                      (manifest.model_dump_json(indent=2) + "\n").encode())
         # mkdtemp makes 0700 directories; a daemon running as another user must read bundles.
         os.chmod(staging, 0o755)
-        retired = None
-        if directory.exists():  # move the old bundle aside, so the gap without one is a rename
+        if directory.exists() and not _exchange(staging, directory):
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, retired / directory.name)
-        os.replace(staging, directory)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            os.replace(staging, directory)
+            staging = retired
+        elif not directory.exists():
+            os.replace(staging, directory)
+            staging = None
+        # after an exchange, staging holds the old bundle
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return Bundle(directory, manifest)
+
+
+def existing_bundle(directory: Path) -> str | None:
+    """"NAME@VERSION" of the bundle at `directory`, None when nothing (or an empty directory)
+    is there; BundleError for anything else, which no bundle write may replace."""
+    directory = Path(directory)
+    if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
+        return None
+    if not (directory / MANIFEST_NAME).is_file():
+        raise BundleError(f"{directory} exists and is not a bundle (no {MANIFEST_NAME}); "
+                          "refusing to replace it: write the bundle somewhere else")
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        return f"{manifest['name']}@{manifest['version']}"
+    except (ValueError, KeyError, TypeError):
+        return f"in {directory} (its manifest is unreadable)"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (errno_module.EINVAL, errno_module.ENOSYS, errno_module.EOPNOTSUPP):
+        return False  # the filesystem cannot exchange: fall back to two renames
+    raise OSError(errno, os.strerror(errno), str(b))
 
 
 def pack_archive(bundle: Bundle, archive: Path) -> Path:

@@ -1,40 +1,22 @@
 """Frame -> model input tensor, and the transform that maps model coordinates back.
 
 Runs on the hot path: output tensors come from a small ring of preallocated buffers
-(one being inferred, one being filled), so steady-state frames allocate nothing large.
+(one being inferred, one being filled; more when frames are batched), so steady-state
+frames allocate nothing large.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from runtime.models.bundle import InputSpec, Preprocess
+from runtime.transform import FrameTransform  # re-exported: the tasks' and tests' import
 
 # Source pixel orders the decoder can hand over.
 SourceColor = str  # "bgr" | "rgb" | "gray"
-
-
-@dataclass(frozen=True, slots=True)
-class FrameTransform:
-    """model_xy = source_xy * scale + pad; its inverse puts detections on the source frame."""
-
-    scale_x: float
-    scale_y: float
-    pad_x: float
-    pad_y: float
-    source_width: int
-    source_height: int
-    input_width: int
-    input_height: int
-
-    def to_source(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sx = np.clip((xs - self.pad_x) / self.scale_x, 0, self.source_width)
-        sy = np.clip((ys - self.pad_y) / self.scale_y, 0, self.source_height)
-        return sx, sy
 
 
 def input_size(spec: InputSpec, width: int, height: int) -> tuple[int, int]:
@@ -56,7 +38,8 @@ class Preprocessor:
 
     RING = 2  # buffers: one in the engine, one being filled
 
-    def __init__(self, spec: InputSpec, preprocess: Preprocess) -> None:
+    def __init__(self, spec: InputSpec, preprocess: Preprocess, *, ring: int = RING) -> None:
+        self._ring = max(1, ring)
         self._spec = spec
         self._pre = preprocess
         channels = 1 if preprocess.color == "gray" else 3
@@ -74,11 +57,11 @@ class Preprocessor:
         if ring is None:
             shape = ((1, self._channels, height, width) if self._spec.layout == "NCHW"
                      else (1, height, width, self._channels))
-            ring = [np.empty(shape, dtype=np.float32) for _ in range(self.RING)]
+            ring = [np.empty(shape, dtype=np.float32) for _ in range(self._ring)]
             if len(self._buffers) > 8:  # clients with many frame sizes must not grow memory
                 self._buffers.clear()
             self._buffers[(width, height)] = ring
-        self._turn = (self._turn + 1) % self.RING
+        self._turn = (self._turn + 1) % self._ring
         return ring[self._turn]
 
     def __call__(self, image: np.ndarray, color: SourceColor) -> tuple[np.ndarray, FrameTransform]:

@@ -23,6 +23,7 @@ from tests.onnx_models import (
     conv_reference,
     conv_relu_model,
     custom_op_model,
+    probability_map_model,
     save,
     sequence_input_model,
     two_input_model,
@@ -244,6 +245,28 @@ def test_face_outputs_that_cannot_be_told_apart_are_refused(tmp_path):
 def test_output_role_naming_a_missing_tensor_is_refused(tmp_path):
     with pytest.raises(BundleError, match=r"\['nope'\] are not outputs of the model"):
         do_import(tmp_path, conv_relu_model(), outputs={"logits": "nope"})
+
+
+def test_resize_to_source_is_recorded_for_a_spatial_output(tmp_path):
+    bundle = do_import(tmp_path, probability_map_model(), resize_to_source=("prob",)).bundle
+    assert bundle.manifest.resize_to_source == ("prob",)
+
+
+def test_resize_to_source_naming_a_missing_output_is_refused(tmp_path):
+    with pytest.raises(BundleError, match=r"--resize-to-source names \['map'\] are not outputs"):
+        do_import(tmp_path, probability_map_model(), resize_to_source=("map",))
+
+
+def test_resize_to_source_of_an_output_that_is_not_a_map_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="logits: its shape .* has no \\(H, W\\) dims|"
+                                          "logits: shape .* is not a \\(..., H, W\\) map"):
+        do_import(tmp_path, conv_pool_model(), resize_to_source=("logits",))
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_resize_to_source_for_a_task_other_than_raw_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="resize_to_source: .* expected none"):
+        do_import(tmp_path, conv_relu_model(), task="detect", resize_to_source=("features",))
 
 
 # -- refusals -----------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_valid_manifest_keeps_every_field():
         ({"input": {"name": "image", "size": {"mode": "dynamic", "multiple_of": 0}}},
          "multiple_of"),
         ({"input": {"name": "image", "layout": "CHW", "size": {"mode": "dynamic"}}}, "layout"),
-        ({"preprocess": {"color": "gray"}}, "mean and std need 1 values"),
+        ({"preprocess": {"color": "gray"}}, "mean\n.*expected 1, one per channel"),
         ({"preprocess": {"std": [1.0, 0.0, 1.0]}}, "non-zero"),
         ({"thresholds": {"score": 1.5}}, "score"),
         ({"thresholds": {"max_detections": 0}}, "max_detections"),
@@ -144,6 +144,63 @@ def test_write_bundle_replaces_an_old_bundle_and_leaves_no_staging(bundle, tmp_p
     loaded = Bundle.load(bundle.directory)
     assert loaded.version == "3" and loaded.onnx_path.read_bytes() == other
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-conv"]
+
+
+def test_write_bundle_can_be_told_not_to_replace_an_existing_bundle(bundle):
+    other = conv_relu_model(unused_initializer=True).SerializeToString()
+    manifest = Manifest.model_validate({**manifest_dict(other), "version": "3"})
+    with pytest.raises(BundleError, match="already holds the bundle tiny-conv@2.1"):
+        write_bundle(bundle.directory, manifest, other, replace=False)
+    assert Bundle.load(bundle.directory).version == "2.1"
+
+
+def test_write_bundle_never_replaces_a_directory_that_is_not_a_bundle(tmp_path):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="is not a bundle"):
+        write_bundle(precious, make_manifest(), ONNX_BYTES)
+    assert (precious / "todo.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_write_bundle_fills_an_empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert Bundle.load(write_bundle(tmp_path / "empty", make_manifest(), ONNX_BYTES)
+                       .directory).version == "2.1"
+
+
+def test_replacing_a_bundle_exchanges_the_directories_in_one_step(bundle, monkeypatch):
+    # Where renameat2 can exchange, the path never lacks a bundle: no fallback rename runs.
+    renames = []
+    real_replace = bundle_module.os.replace
+    monkeypatch.setattr(bundle_module.os, "replace",
+                        lambda a, b: (renames.append((a, b)), real_replace(a, b)))
+    other = conv_relu_model(unused_initializer=True).SerializeToString()
+    write_bundle(bundle.directory, Manifest.model_validate({**manifest_dict(other),
+                                                            "version": "4"}), other)
+    assert Bundle.load(bundle.directory).version == "4"
+    assert sorted(p.name for p in bundle.directory.parent.iterdir()) == ["tiny-conv"]
+    if renames:
+        pytest.skip("this filesystem cannot exchange directories; the two-rename fallback ran")
+
+
+def test_manifest_without_resize_to_source_is_written_without_the_key(bundle):
+    # Daemons older than the option refuse unknown manifest keys: bundles that do not use it
+    # must stay readable by them.
+    assert "resize_to_source" not in (bundle.directory / MANIFEST_NAME).read_text()
+    raw = make_manifest(task="raw", outputs={}, resize_to_source=["features"])
+    assert raw.model_dump()["resize_to_source"] == ("features",)
+
+
+@pytest.mark.parametrize(("updates", "match"), [
+    ({"resize_to_source": ["features"]}, "only raw outputs are resized back"),
+    ({"task": "raw", "outputs": {"map": "features"}, "resize_to_source": ["other"]},
+     r"expected names among the outputs the bundle returns \(\['features'\]\)"),
+])
+def test_resize_to_source_is_refused_where_it_cannot_apply(updates, match):
+    with pytest.raises(ValidationError, match=match):
+        make_manifest(**updates)
 
 
 def test_write_bundle_refuses_bytes_that_do_not_match_the_manifest(tmp_path):

@@ -139,6 +139,53 @@ def test_transform_inverse_undoes_the_forward_map():
     np.testing.assert_allclose(sy, ys, rtol=0, atol=1e-9)
 
 
+def test_transform_travels_as_input_size_scale_pad_and_an_affine_to_source_pixels():
+    transform = FrameTransform(0.5, 0.25, 0.0, 140.0, 1280, 720, 640, 320)
+    wire = transform.to_wire()
+    assert wire == {"input": [640, 320], "scale": [0.5, 0.25], "pad": [0.0, 140.0],
+                    "to_source": [2.0, 0.0, 0.0, 0.0, 4.0, -560.0]}
+    assert FrameTransform.from_wire(wire, 1280, 720) == transform
+    a, b, c, d, e, f = wire["to_source"]
+    xs, ys = np.array([0.0, 320.0, 640.0]), np.array([140.0, 200.0, 320.0])
+    np.testing.assert_allclose(transform.to_source(xs, ys),
+                               (a * xs + b * ys + c, d * xs + e * ys + f))
+
+
+def test_points_in_a_strided_grid_map_through_the_model_input():
+    transform = FrameTransform(0.5, 0.5, 0.0, 140.0, 1280, 720, 640, 640)
+    # a stride-4 map (160x160) of the 640x640 input: cell (35, 0) starts at model row 140
+    sx, sy = transform.grid_to_source([0.0, 80.0, 160.0], [35.0, 80.0, 125.0], 160, 160)
+    assert sx.tolist() == [0.0, 640.0, 1280.0] and sy.tolist() == [0.0, 360.0, 720.0]
+    outside = transform.grid_to_source(0.0, 0.0, 160, 160, clip=False)
+    assert float(outside[1]) == -280.0
+
+
+@pytest.mark.parametrize(("source", "model"), [((630, 470), (640, 480)), ((500, 300), (512, 320)),
+                                               ((300, 500), (256, 256))])
+def test_warp_to_source_undoes_the_letterbox_of_a_smooth_image(source, model):
+    src_w, src_h = source
+    ys, xs = np.mgrid[0:src_h, 0:src_w]
+    smooth = (100 + 80 * np.sin(xs / 37.0) * np.cos(ys / 23.0)).astype(np.uint8)
+    pre = Preprocess(color="gray", mean=(0.0,), std=(1.0,), scale=1.0, resize="letterbox",
+                     pad_value=0)
+    tensor, transform = Preprocessor(fixed(*model), pre)(smooth, "gray")
+    back = transform.warp_to_source(tensor)
+    assert back.shape == (1, 1, src_h, src_w) and back.dtype == np.float32
+    # bilinear there and back: within a couple of grey levels away from the edges
+    np.testing.assert_allclose(back[0, 0, 2:-2, 2:-2], smooth[2:-2, 2:-2], atol=3)
+
+
+def test_warp_to_source_keeps_class_maps_integer_with_nearest_cells():
+    # an 8x4 frame at half size is 4x2 of a 4x6 input: rows 0-1 and 4-5 are padding
+    transform = FrameTransform(0.5, 0.5, 0.0, 2.0, 8, 4, 4, 6)
+    classes = np.arange(24, dtype=np.int64).reshape(6, 4)
+    back = transform.warp_to_source(classes)
+    assert back.dtype == np.int64 and back.shape == (4, 8)
+    for dy in (0, 1):  # each content cell covers 2x2 source pixels
+        for dx in (0, 1):
+            assert back[dy::2, dx::2].tolist() == classes[2:4].tolist()
+
+
 def test_frame_already_at_the_input_size_is_not_resized():
     image = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     tensor, transform = Preprocessor(fixed(96, 64), Preprocess(**IDENTITY))(image, "rgb")

@@ -377,3 +377,24 @@ def test_arbitrary_v1_maps_never_raise_anything_but_protocol_error(header, kind)
     if kind is not ...:
         header["type"] = kind
     _parse_or_protocol_error(pack(header))
+
+
+def test_raw_result_carries_the_transform_and_marks_tensors_resized_to_the_source():
+    from runtime.transform import FrameTransform
+
+    header = parse_header(pack(frame(w=630, h=470)))
+    transform = FrameTransform(640 / 630, 477 / 470, 0.0, 1.0, 630, 470, 640, 480)
+    result = TaskResult(tensors={"prob": np.zeros((1, 1, 470, 630), np.float32),
+                                 "raw": np.zeros((1, 1, 240, 320), np.float32)},
+                        transform=transform, in_source=frozenset({"prob"}))
+    reply = decode_reply(encode_result(header, "m", "1", result, {}, 0))
+    assert reply["transform"] == transform.to_wire()
+    assert reply["tensors"]["prob"]["space"] == "source"
+    assert "space" not in reply["tensors"]["raw"]
+
+
+def test_detection_results_are_unchanged_by_the_raw_transform_extension():
+    header = parse_header(pack(frame()))
+    result = TaskResult(detections=(Detection((1.0, 2.0, 3.0, 4.0), 0.9, "face"),))
+    reply = decode_reply(encode_result(header, "m", "1", result, {}, 0))
+    assert "transform" not in reply and "tensors" not in reply

@@ -98,6 +98,7 @@ def test_ping_lists_the_served_models(daemon):
     assert pong["type"] == "pong"
     (model,) = pong["models"]
     assert model["name"] == "centerface" and model["default"] and model["task"] == "face"
+    assert model["precision"] == "fp32"  # documented in protocol.md §5.4
 
 
 def test_sigterm_shuts_down_cleanly(daemon):

@@ -268,6 +268,23 @@ def test_raw_task_returns_every_output_tensor_as_is():
     assert all(result.tensors[name] is outputs[name] for name in outputs)
 
 
+def test_raw_task_result_carries_the_frames_transform():
+    transform = FrameTransform(0.5, 0.5, 0.0, 4.0, 128, 112, 64, 64)
+    result = RawDecoder(manifest("raw", {}))({"map": np.ones((1, 1, 16, 16), np.float32)},
+                                             transform)
+    assert result.transform is transform and result.in_source == frozenset()
+
+
+def test_raw_task_resizes_only_the_outputs_the_bundle_names_back_to_the_source_frame():
+    transform = FrameTransform(0.5, 0.5, 0.0, 4.0, 128, 112, 64, 64)
+    wanted = manifest("raw", {}).model_copy(update={"resize_to_source": ("map",)})
+    outputs = {"map": np.ones((1, 2, 32, 32), np.float32), "logits": np.ones((1, 5), np.float32)}
+    result = RawDecoder(wanted)(outputs, transform)
+    assert result.tensors["map"].shape == (1, 2, 112, 128)
+    assert result.tensors["logits"] is outputs["logits"]
+    assert result.in_source == {"map"}
+
+
 def test_raw_task_with_named_outputs_returns_only_those():
     outputs = {"a": np.zeros(3), "b": np.ones(2)}
     result = make_decoder(manifest("raw", {"logits": "b"}))(outputs, identity(64, 64))

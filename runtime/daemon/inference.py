@@ -1,0 +1,150 @@
+"""What happens to a frame inside its model's threads: prepare, infer (batched), decode.
+
+Pure per-frame steps with no threads or sockets of their own; runtime/daemon/pipeline.py
+decides which thread runs each. Batching stacks frames of the same input size from
+different clients into one engine call and splits the outputs again, so each frame's
+result is exactly what it would have been alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.daemon.decode import decode_depth, decode_pixels
+from runtime.engines import Engine
+from runtime.models.bundle import Bundle
+from runtime.models.preprocess import FrameTransform, Preprocessor
+from runtime.protocol import FrameHeader
+from runtime.results import TaskResult
+from runtime.tasks import make_decoder
+
+
+@dataclass
+class FrameJob:
+    header: FrameHeader
+    payload: memoryview | bytes
+    received: float  # server wall clock, seconds
+    keepalive: object = None  # the zmq.Frames backing the buffers, kept alive until done
+    depth: memoryview | bytes | None = None
+
+
+def batch_capacity(engine: Engine) -> int | None:
+    """How many frames one call may take: None for a dynamic batch dimension, 1 for a
+    model exported with batch 1, N for a bundle variant built with a fixed batch of N."""
+    if not engine.inputs:
+        return 1
+    first = engine.inputs[0].shape[0] if engine.inputs[0].shape else 1
+    return first if isinstance(first, int) and first > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """Everything per-model that a frame needs, swapped as one reference (hot swap)."""
+
+    bundle: Bundle
+    engine: Engine
+    preprocess: Preprocessor
+    decode_outputs: object
+    input_name: str
+
+    @classmethod
+    def of(cls, bundle: Bundle, engine: Engine, *, buffers: int = 2) -> LoadedModel:
+        """`buffers`: input tensors kept in the preprocessing ring; it must cover every
+        frame prepared but not yet copied into the engine's batch (2 x max batch)."""
+        manifest = bundle.manifest
+        return cls(bundle, engine, Preprocessor(manifest.input, manifest.preprocess,
+                                                ring=buffers),
+                   make_decoder(manifest), manifest.input.name)
+
+    def warm_up(self, size: tuple[int, int] = (640, 480), runs: int = 2,
+                batch: int = 1) -> float:
+        """Run blank frames through the engine; returns the fastest run's seconds."""
+        width, height = size
+        tensor, _ = self.preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
+        fastest = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.engine.infer({self.input_name: tensor})
+            fastest = min(fastest, time.perf_counter() - start)
+        if batch > 1:  # the first batched call allocates for its shape: not on a headset
+            self.engine.infer({self.input_name: np.concatenate([tensor] * batch)})
+        return fastest
+
+
+@dataclass(slots=True)
+class Prepared:
+    model: LoadedModel  # the model this frame was prepared for; it is inferred with it too
+    client: bytes
+    job: FrameJob
+    tensor: np.ndarray
+    transform: FrameTransform
+    stamps: dict[str, float]
+    image: np.ndarray  # decoded frame, for the annotated reply
+    depth: np.ndarray | None
+
+
+def prepare(model: LoadedModel, client: bytes, job: FrameJob, taken_at: float) -> Prepared:
+    """Decode and preprocess one frame; raises ProtocolError for a frame that cannot be."""
+    image, color = decode_pixels(job.header, job.payload)
+    depth = (decode_depth(job.header.depth, job.depth)
+             if job.header.depth is not None else None)
+    decoded = time.time()
+    tensor, transform = model.preprocess(image, color)
+    stamps = {"received": job.received, "taken": taken_at, "decoded": decoded,
+              "preprocessed": time.time()}
+    return Prepared(model, client, job, tensor, transform, stamps, image, depth)
+
+
+def batches(items: list[Prepared]) -> list[list[Prepared]]:
+    """Group frames that can share one engine call: same model object, same tensor shape."""
+    groups: dict[tuple[int, tuple[int, ...]], list[Prepared]] = {}
+    for item in items:
+        groups.setdefault((id(item.model), item.tensor.shape), []).append(item)
+    return list(groups.values())
+
+
+def infer(group: list[Prepared]) -> list[TaskResult | Exception]:
+    """Run one group through its engine (one call) and decode each frame's outputs.
+
+    An engine failure raises (it fails the whole group); a decoder failure costs only its
+    own frame and comes back in that frame's place."""
+    model = group[0].model
+    started = time.time()
+    if len(group) == 1:
+        outputs = model.engine.infer({model.input_name: group[0].tensor})
+        per_frame = [outputs]
+    else:
+        stacked = np.concatenate([item.tensor for item in group])
+        outputs = model.engine.infer({model.input_name: stacked})
+        per_frame = [{name: value[i:i + 1] for name, value in outputs.items()}
+                     for i in range(len(group))]
+    inferred = time.time()
+    results = []
+    for item, frame_outputs in zip(group, per_frame, strict=True):
+        item.stamps["started"] = started
+        item.stamps["inferred"] = inferred
+        try:
+            results.append(model.decode_outputs(frame_outputs, item.transform))
+        except Exception as exc:  # a decoder bug must cost one frame, not the batch
+            results.append(exc)
+        item.stamps["postprocessed"] = time.time()
+    return results
+
+
+def annotate(image: np.ndarray, header: FrameHeader, result: TaskResult, extra: dict) -> bytes:
+    """The frame as JPEG with what the reply carries drawn on it (thin clients, debug view)."""
+    import cv2
+
+    from runtime.overlay import draw_reply
+
+    bgr = image if image.ndim == 2 or header.encoding != "rgb8" else image[:, :, ::-1]
+    message = {"detections": [d.to_wire() for d in result.detections], **extra}
+    if header.intrinsics is not None:
+        message["intrinsics"] = list(header.intrinsics)
+    if header.pose is not None:
+        message["pose"] = list(header.pose)
+    ok, jpeg = cv2.imencode(".jpg", draw_reply(bgr, message), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return jpeg.tobytes() if ok else b""
