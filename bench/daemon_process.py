@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.client import query_info
 from runtime.config import ServerSettings, load_config
-from runtime.curve_keys import throwaway_keys
+from runtime.curve_keys import HEADSETS_DIR, create_keypair, enroll, throwaway_keys
 from runtime.models.assets import ASTRONAUT_PNG, fetch_asset
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -63,11 +63,36 @@ class DaemonProcess:
         self.log_path = self.workdir / "serve.log"
         # Keyword arguments for Client / query_info: empty in plain mode.
         self.client_keys: dict[str, Path] = {}
+        # CURVE: a second enrolled headset for attackers (so the well-behaved one keeps its
+        # own key), and a key that is not enrolled. Empty in plain mode.
+        self.attacker_keys: dict[str, Path] = {}
+        self.stranger_keys: dict[str, Path] = {}
+        # a third enrolled headset, for "a headset arriving now" probes
+        self.newcomer_keys: dict[str, Path] = {}
+        self.control = f"ipc://{self.workdir}/control.sock"
         self._process: subprocess.Popen | None = None
 
     @property
     def mode(self) -> str:
-        return "CURVE (throwaway keys, one enrolled headset)" if self.curve else "PLAIN (--plain)"
+        return ("CURVE (throwaway keys, an enrolled key per simulated headset)" if self.curve
+                else "PLAIN (--plain)")
+
+    def enrol_headset(self, name: str) -> dict[str, Path]:
+        """CURVE: a further enrolled headset of its own (Client keyword arguments); call
+        before start(), or wait a second for the daemon to reload its allow-list. Plain
+        mode: {}. One key per simulated headset: two connections with one key replace
+        each other (newest wins)."""
+        if not self.curve:
+            return {}
+        public, secret = create_keypair(self.workdir / f"headset-{name}", name)
+        enroll(public, self.workdir / "keys" / HEADSETS_DIR)
+        return {"server_key": self.workdir / "keys" / "daemon.key", "client_key": secret}
+
+    def status(self, timeout: float = 5.0) -> dict | None:
+        """`sightline status` as a document (None when the daemon does not answer)."""
+        from runtime.daemon.control import query_status
+
+        return query_status(self.control, timeout)
 
     @property
     def pid(self) -> int:
@@ -79,9 +104,20 @@ class DaemonProcess:
         command = [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "serve",
                    "--bind", self.endpoint,
                    # its own control socket: a bench may run beside another daemon
-                   "--control", f"ipc://{self.workdir}/control.sock"]
+                   "--control", self.control]
         if self.curve:
             keys, self.client_keys = throwaway_keys(self.workdir)
+            attacker_public, attacker_secret = create_keypair(self.workdir / "attacker",
+                                                              "attacker")
+            enroll(attacker_public, keys / HEADSETS_DIR)
+            newcomer_public, newcomer_secret = create_keypair(self.workdir / "newcomer",
+                                                              "newcomer")
+            enroll(newcomer_public, keys / HEADSETS_DIR)
+            _, stranger_secret = create_keypair(self.workdir / "stranger", "stranger")
+            server_key = self.client_keys["server_key"]
+            self.attacker_keys = {"server_key": server_key, "client_key": attacker_secret}
+            self.stranger_keys = {"server_key": server_key, "client_key": stranger_secret}
+            self.newcomer_keys = {"server_key": server_key, "client_key": newcomer_secret}
             command += ["--keys", str(keys)]
         else:
             command.append("--plain")

@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import sys
 import tempfile
@@ -533,6 +534,97 @@ def fuzz_worker(index: int, endpoint: str, seed: int, quota: int, rate: float,
                  "stats": dict(stats)})
 
 
+ATTACKS = ("fuzz", "reconnect_storm", "handshake_flood")
+
+
+def _small_frame(seq: int) -> list[bytes]:
+    """A well-formed 64x48 frame: if admitted, the daemon infers it."""
+    return [pack({"v": 1, "seq": seq, "w": 64, "h": 48, "enc": "bgr8"}),
+            bytes(64 * 48 * 3)]
+
+
+def connection_worker(index: int, attack: str, endpoint: str, quota: int, rate: float,
+                      client_keys: dict, go, stop, progress, results) -> None:
+    """One attacker process for the connection attacks; `quota` counts connections.
+
+    reconnect_storm: one enrolled key (not the well-behaved headset's) opens a connection,
+    sends a frame, waits up to 20 ms for its reply and closes, as fast as it can.
+    handshake_flood: connections with fresh unknown keys (CURVE; in plain mode, fresh
+    connections), 64 kept open at a time, each sending a frame it never gets answered.
+    """
+    context = zmq.Context()
+    curve = curve_options(client_keys.get("server_key"), client_keys.get("client_key"))
+    replies = Counter()
+    stats = Counter()
+    open_sockets: list[zmq.Socket] = []
+    interval = 1.0 / rate if rate > 0 else 0.0
+    next_at = time.monotonic()
+    count = 0
+    start_cpu = time.process_time()
+
+    def drain(socket: zmq.Socket) -> None:
+        while True:
+            try:
+                raw = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                replies[reply_key(msgpack.unpackb(raw, raw=False))] += 1
+            except Exception:
+                replies["UNDECODABLE_REPLY"] += 1
+
+    while count < quota and not stop.is_set():
+        if not go.is_set():
+            for socket in open_sockets:
+                socket.close(linger=0)
+            open_sockets.clear()
+            go.wait(0.05)
+            next_at = time.monotonic()
+            continue
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 4)
+        if attack == "reconnect_storm":
+            apply_curve(socket, curve)
+        elif curve is not None:  # handshake_flood under CURVE: a key nobody enrolled
+            public, secret = zmq.curve_keypair()
+            socket.curve_serverkey = curve[0]
+            socket.curve_publickey, socket.curve_secretkey = public, secret
+        socket.connect(endpoint)
+        try:
+            socket.send_multipart(_small_frame(count), zmq.NOBLOCK)
+        except zmq.Again:
+            stats["send_full"] += 1
+        count += 1
+        stats["connections"] += 1
+        if attack == "reconnect_storm":
+            if socket.poll(20):
+                drain(socket)
+            socket.close(linger=0)
+        else:
+            open_sockets.append(socket)
+            for old in open_sockets:
+                drain(old)
+            if len(open_sockets) > 64:
+                open_sockets.pop(0).close(linger=0)
+        if count % 10 == 0:
+            progress.value = count
+        if interval:
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    progress.value = count
+    for socket in open_sockets:
+        drain(socket)
+        socket.close(linger=0)
+    context.term()
+    stats["cpu_ms"] = int((time.process_time() - start_cpu) * 1000)
+    results.put({"index": index, "sent": {attack: count}, "variants": {},
+                 "replies": dict(replies), "by_category": {attack: dict(replies)},
+                 "stats": dict(stats)})
+
+
 class WellBehavedClient:
     """One headset: max_in_flight=1, real frames at camera rate, every round trip kept."""
 
@@ -597,7 +689,9 @@ def percentiles(values: list[float]) -> dict[str, float | int]:
 
 def new_client_frame(daemon: DaemonProcess, frame: np.ndarray) -> tuple[str, object]:
     """One frame from a brand-new connection (a headset arriving now): its outcome."""
-    with Client(daemon.endpoint, max_in_flight=1, **daemon.client_keys) as client:
+    # Its own key under CURVE: with the bystander's, it would replace the bystander.
+    keys = daemon.newcomer_keys if daemon.curve else daemon.client_keys
+    with Client(daemon.endpoint, max_in_flight=1, **keys) as client:
         if not client.wait_connected(10):
             return "not connected", None
         seq = client.send(frame)
@@ -648,11 +742,22 @@ def run(args: argparse.Namespace) -> dict:
         results = context.Queue()
         quota = math.ceil(args.messages / args.fuzzers)
         progress = [context.Value("q", 0) for _ in range(args.fuzzers)]
-        workers = [context.Process(
-            target=fuzz_worker, name=f"fuzzer-{i}",
-            args=(i, endpoint, args.seed, quota, args.rate / args.fuzzers, categories, limits,
-                  daemon.client_keys, go, stop, progress[i], results))
-            for i in range(args.fuzzers)]
+        # Under CURVE the attackers use an enrolled key of their own (the bystander's would
+        # be taken over by the newest connection) or, for the flood, unknown keys.
+        attack_keys = daemon.stranger_keys if args.attack == "handshake_flood" \
+            else daemon.attacker_keys
+        if args.attack == "fuzz":
+            workers = [context.Process(
+                target=fuzz_worker, name=f"fuzzer-{i}",
+                args=(i, endpoint, args.seed, quota, args.rate / args.fuzzers, categories,
+                      limits, attack_keys, go, stop, progress[i], results))
+                for i in range(args.fuzzers)]
+        else:
+            workers = [context.Process(
+                target=connection_worker, name=f"{args.attack}-{i}",
+                args=(i, args.attack, endpoint, quota, args.rate / args.fuzzers, attack_keys,
+                      go, stop, progress[i], results))
+                for i in range(args.fuzzers)]
         for worker in workers:
             worker.start()
         headset = WellBehavedClient(endpoint, frame, args.fps, daemon.client_keys)
@@ -721,6 +826,10 @@ def run(args: argparse.Namespace) -> dict:
                 worker.kill()
         headset.close()
         alive = daemon.alive()
+        try:
+            status = daemon.status() if alive else None
+        except Exception as exc:  # a status that fails is a finding, not a harness crash
+            status = {"error": str(exc)}
         after = daemon.sample() if alive else None
         pong = daemon.ping(5) if alive else None
         frame_check = final_frame_check(daemon, frame, limits) if alive else {"ok": False}
@@ -750,6 +859,10 @@ def run(args: argparse.Namespace) -> dict:
             "fds": sample.fds, "threads": sample.threads}
 
     return {
+        "attack": args.attack,
+        "load_average": list(os.getloadavg()),
+        "attacker_results": replies.get("result", 0),
+        "daemon_status_at_end": status,
         "mode": daemon.mode,
         "endpoint_kind": endpoint.split("://")[0],
         "config": str(args.config) if args.config else None,
@@ -795,6 +908,7 @@ def print_summary(r: dict) -> None:
     print()
     print(f"Sightline daemon fuzz — {r['mode']}, {r['endpoint_kind']} endpoint, "
           f"config: {r['config'] or 'defaults'} (max_fps_per_client {r['max_fps_per_client']:g})")
+    print(f"attack: {r['attack']}; load average at the end {r['load_average']}")
     print(f"seed {r['seed']}, {r['fuzzers']} fuzzer process(es), "
           f"{r['messages_sent']:,} messages in {r['fuzz_phase_s']:.0f} s of fuzz windows "
           f"({r['messages_per_fuzz_second'] or 0:,.0f}/s; whole run {r['fuzz_elapsed_s']:.0f} s)")
@@ -809,6 +923,14 @@ def print_summary(r: dict) -> None:
     print("\nreplies received by the fuzzers, by code / type:")
     for code, count in r["replies_by_code"].items():
         print(f"  {code:<20} {count:>8,}")
+    print(f"\nframes the attackers got inferred (result replies): {r['attacker_results']:,}")
+    status = r.get("daemon_status_at_end") or {}
+    if status.get("handshakes"):
+        print(f"daemon's handshake gate: {status['handshakes']}")
+    for h in status.get("headsets", []):
+        print(f"  headset {h['name']}: frames {h['frames']}, dropped {h['dropped']}, "
+              f"rate-limited {h['rate_limited']}, connections {h['connections']}, "
+              f"replaced {h['replaced']}")
     print("\nwell-behaved client (640x480 BGR astronaut, max_in_flight=1, "
           f"{r['client_fps']:g} fps, interleaved {r['window_s']:g} s windows):")
     for phase in ("alone", "fuzz"):
@@ -854,7 +976,12 @@ def print_summary(r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000,
-                        help="hostile messages to send in all (default 100000)")
+                        help="hostile messages (fuzz) or connections (the connection "
+                             "attacks) to send in all (default 100000)")
+    parser.add_argument("--attack", choices=ATTACKS, default="fuzz",
+                        help="fuzz: hostile messages (--only/--exclude categories); "
+                             "reconnect_storm: one enrolled key reconnecting flat out; "
+                             "handshake_flood: connections with unknown keys")
     parser.add_argument("--fuzzers", type=int, default=2, help="fuzzer processes")
     parser.add_argument("--rate", type=float, default=0,
                         help="total messages/s over all fuzzers (0: as fast as sends go)")

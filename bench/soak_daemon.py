@@ -178,9 +178,12 @@ def run(args: argparse.Namespace) -> dict:
         endpoint = args.bind or f"ipc://{tmp}/sightline.sock"
         daemon = DaemonProcess(endpoint, Path(tmp), curve=args.curve, config=args.config)
         print(f"starting sightline serve on {endpoint}, {daemon.mode}", flush=True)
+        # Under CURVE each simulated headset has its own enrolled key: one key would be
+        # one headset, served on its newest connection only.
+        keys = [daemon.enrol_headset(f"soak-{i}") if daemon.curve else {}
+                for i in range(args.clients)]
         daemon.start()
-        slots = [Slot(i, args, endpoint, daemon.client_keys, context)
-                 for i in range(args.clients)]
+        slots = [Slot(i, args, endpoint, keys[i], context) for i in range(args.clients)]
         stop = threading.Event()
         supervisors = [threading.Thread(target=s.supervise, args=(stop,),
                                         name=f"supervisor-{s.index}") for s in slots]

@@ -39,6 +39,11 @@ class ServerSettings(BaseModel):
     reply_hwm: int = Field(default=64, gt=0)
     # Frames per second one client may send; the excess gets RATE_LIMITED error replies.
     max_fps_per_client: float = Field(default=120.0, gt=0)
+    # Requests from one headset that get an error reply (bad headers, wrong part counts,
+    # oversized frames ...), per second, bursts of `bad_request_burst`. Over it, the
+    # headset's frames are refused (RATE_LIMITED) before any decode until it sends fewer.
+    bad_requests_per_s: float = Field(default=5.0, gt=0)
+    bad_request_burst: int = Field(default=50, gt=0)
     # Dynamic batching across clients: up to this many clients' newest frames of the same
     # size run as one engine call, where the model has a batch dimension. "auto": 4 when
     # the engine runs on a GPU, 1 (no batching) on a CPU, where a batch of N costs about N
@@ -90,6 +95,15 @@ class SecuritySettings(BaseModel):
     keys_dir: str | None = None
     # A peer that has not finished the CURVE handshake by then is disconnected.
     handshake_timeout_s: float = Field(default=5.0, gt=0)
+    # CURVE handshakes admitted per second for one headset key, and from one source
+    # address; both buckets hold `handshake_burst`. Over the rate, the handshake is refused
+    # (the headset's open connection keeps its service).
+    handshakes_per_s_per_key: float = Field(default=2.0, gt=0)
+    handshakes_per_s_per_address: float = Field(default=20.0, gt=0)
+    handshake_burst: int = Field(default=10, gt=0)
+    # Open connections (TCP, handshaken or not) one source address may hold; ipc:// peers
+    # count as one address, "local".
+    max_connections_per_address: int = Field(default=64, gt=0)
 
     def resolved_keys_dir(self) -> Path:
         from runtime.curve_keys import keys_dir

@@ -34,6 +34,7 @@ class ErrorCode:
     TOO_MANY_CLIENTS = "TOO_MANY_CLIENTS"
     RATE_LIMITED = "RATE_LIMITED"
     NOT_ENROLLED = "NOT_ENROLLED"
+    REPLACED = "REPLACED"  # a newer connection with the same headset key took over
     INTERNAL = "INTERNAL"
 
 

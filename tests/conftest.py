@@ -80,8 +80,10 @@ def curve_keys(short_tmp: Path) -> CurveKeys:
 class Daemon:
     """A `sightline serve` child process on an ipc endpoint of its own."""
 
-    def __init__(self, endpoint: str, process: subprocess.Popen, log_path: Path) -> None:
+    def __init__(self, endpoint: str, process: subprocess.Popen, log_path: Path,
+                 control: str = "") -> None:
         self.endpoint = endpoint
+        self.control = control  # its control socket, for `sightline status`
         self.process = process
         self.log_path = log_path
 
@@ -108,13 +110,14 @@ def start_daemon(tmp_path: Path, *args: str, endpoint: str | None = None,
     log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
     security = ["--keys", str(curve.keys_dir)] if curve else ["--plain"]
     # each daemon its own control socket: tests may run several at once
-    control = ["--control", f"ipc://{tmp_path}/control-{time.monotonic_ns()}.sock"]
+    control_endpoint = f"ipc://{tmp_path}/control-{time.monotonic_ns()}.sock"
+    control = ["--control", control_endpoint]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen([*SIGHTLINE, "serve", "--bind", endpoint, *security, *control,
                                     *args],
                                    stdout=log_file, stderr=subprocess.STDOUT,
                                    env={**os.environ, **env} if env else None)
-    daemon = Daemon(endpoint, process, log_path)
+    daemon = Daemon(endpoint, process, log_path, control_endpoint)
     ping_keys = curve.client_kwargs() if curve else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

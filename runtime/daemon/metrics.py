@@ -29,6 +29,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from runtime.daemon.headset_metrics import headset_metrics
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
@@ -254,6 +256,10 @@ class Metrics:
                        "dropped": superseded + expired,
                        "superseded": superseded, "expired": expired},
             "clients": status.get("clients", 0),
+            # per headset (enrolled name under CURVE, connection in plain mode)
+            "headsets": [dict(h) for h in status.get("headsets", [])],
+            "handshakes": dict(status.get("handshakes") or {}),
+            "connections": dict(status.get("connections") or {}),
             "errors": {str(code): n for code, n in counters.get("errors", {}).items()},
             "host": host.to_json() if host is not None else None,
             "jetson": jetson.to_json() if jetson is not None else None,
@@ -369,6 +375,7 @@ def _status_metrics(status: Mapping[str, Any]) -> Iterator[Metric]:
     clients = GaugeMetricFamily("sightline_clients", "Clients seen within the idle timeout.")
     clients.add_metric([], status.get("clients", 0))
     yield clients
+    yield from headset_metrics(status)
     if "uptime_s" in status:
         uptime = GaugeMetricFamily("sightline_uptime_seconds", "Seconds since the daemon started.")
         uptime.add_metric([], status["uptime_s"])

@@ -20,6 +20,8 @@ import zmq
 
 from runtime.config import ServeConfig
 from runtime.curve_keys import DAEMON_KEY_NAME, HEADSETS_DIR, make_curve_server
+from runtime.daemon.admission import ConnectionMonitor, HandshakeAdmission, RateLimiter
+from runtime.daemon.identity import Headset, Identities
 from runtime.daemon.pipeline import FrameJob, ModelPipeline, prepares_ahead
 from runtime.daemon.security import HeadsetAuthenticator
 from runtime.daemon.service import Watchdog
@@ -40,6 +42,10 @@ from runtime.protocol import (
 log = logging.getLogger(__name__)
 _instance = itertools.count()
 POLL_MS = 100
+# Error replies that are the client's fault; bad_requests_per_s counts these only.
+CLIENT_FAULTS = frozenset({ErrorCode.MALFORMED, ErrorCode.UNSUPPORTED_VERSION,
+                           ErrorCode.BAD_HEADER, ErrorCode.FRAME_TOO_LARGE,
+                           ErrorCode.UNKNOWN_MODEL})
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
@@ -48,6 +54,9 @@ def _user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id")
     except zmq.ZMQError:  # no such property: the message did not come through a handshake
         return None
+
+
+__all__ = ["RateLimiter", "Server", "ServerCounters"]
 
 
 def _pipeline_options(settings, engine, models: int) -> dict:
@@ -61,26 +70,6 @@ def _pipeline_options(settings, engine, models: int) -> dict:
               "on": True, "off": False}[settings.inline_inference]
     return {"max_batch": max_batch, "batch_wait_s": settings.batch_wait_ms / 1000.0,
             "prepare_ahead": prepare, "inline": inline}
-
-
-class RateLimiter:
-    """Token bucket: `rate` frames per second on average, bursts of up to one second's worth."""
-
-    __slots__ = ("rate", "tokens", "last")
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.last = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 @dataclass
@@ -115,8 +104,14 @@ class Server:
                 **_pipeline_options(settings, engine, len(bundles)))
         self._inline: list[ModelPipeline] = []  # known once the pipelines have started
         self.default_model = bundles[0].name
-        self._clients: dict[bytes, float] = {}  # identity -> last seen (I/O thread only)
-        self._rates: dict[bytes, RateLimiter] = {}
+        # Under CURVE a headset is its enrolled key; in plain mode, its connection.
+        self.identities = Identities(by_key=config.security.mode == "curve",
+                                     max_clients=settings.max_clients,
+                                     max_fps=settings.max_fps_per_client,
+                                     bad_per_s=settings.bad_requests_per_s,
+                                     bad_burst=settings.bad_request_burst)
+        self.admission: HandshakeAdmission | None = None
+        self.monitor: ConnectionMonitor | None = None
         self._authenticator: HeadsetAuthenticator | None = None
         self._router: zmq.Socket | None = None
         self._replies: zmq.Socket | None = None
@@ -137,6 +132,7 @@ class Server:
         router.setsockopt(zmq.RCVHWM, 8)
         router.setsockopt(zmq.SNDHWM, settings.reply_hwm)
         self._secure(router)
+        self.monitor = ConnectionMonitor(router, self.admission)
         self._replies = self._context.socket(zmq.PULL)
         self._replies.setsockopt(zmq.LINGER, 0)
         self._replies.bind(self._reply_endpoint)
@@ -145,6 +141,7 @@ class Server:
                 router.bind(endpoint)
                 self.endpoints.append(router.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError as exc:
+            self.monitor.close()
             router.close()
             self._replies.close()
             if self._authenticator is not None:
@@ -178,12 +175,18 @@ class Server:
                 '"plain" / pass --plain for development')
         make_curve_server(router, secret)
         router.setsockopt(zmq.HANDSHAKE_IVL, int(security.handshake_timeout_s * 1000))
-        self._authenticator = HeadsetAuthenticator(self._context, keys / HEADSETS_DIR)
+        self.admission = HandshakeAdmission(
+            per_key_rate=security.handshakes_per_s_per_key,
+            per_address_rate=security.handshakes_per_s_per_address,
+            burst=security.handshake_burst,
+            max_per_address=security.max_connections_per_address)
+        self._authenticator = HeadsetAuthenticator(self._context, keys / HEADSETS_DIR,
+                                                   self.admission)
         self._authenticator.start()
 
     @property
     def client_count(self) -> int:
-        return len(self._clients)  # read by the control thread; len() is atomic
+        return self.identities.active  # read by the control thread; an int is atomic
 
     def healthy(self) -> bool:
         return all(p.healthy() for p in self._pipelines.values())
@@ -202,6 +205,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
+        poller.register(self.monitor.socket, zmq.POLLIN)
         next_sweep = time.monotonic() + 1.0
         try:
             while not stop.is_set():
@@ -212,11 +216,15 @@ class Server:
                 if self._router in events:
                     self._read_requests()
                 for pipeline in self._inline:  # after reading: the newest frames win
-                    pipeline.run_inline(self._send)
+                    pipeline.run_inline(self._reply_to_slot)
+                if self.monitor.socket in events:
+                    self.monitor.handle()
                 if time.monotonic() >= next_sweep:
                     self._forget_idle_clients()
-                    if self._authenticator is not None:
-                        self._authenticator.refresh()  # revocations apply without a restart
+                    # revocations apply without a restart
+                    if self._authenticator is not None and self._authenticator.refresh():
+                        self._forget(self.identities.revoked(
+                            set(self._authenticator.names.values())))
                     next_sweep = time.monotonic() + 1.0
                 if watchdog is not None and self.healthy():
                     watchdog.ping_if_due()
@@ -230,6 +238,9 @@ class Server:
     def close(self) -> None:
         for pipeline in self._pipelines.values():
             pipeline.stop()
+        if self.monitor is not None and self._router is not None:
+            self._router.disable_monitor()
+            self.monitor.close()
         for socket in (self._router, self._replies):
             if socket is not None:
                 socket.close()
@@ -241,12 +252,27 @@ class Server:
     # -- I/O thread internals -------------------------------------------------------
     def _forward_replies(self) -> None:
         router = self._router
+        by_key = self.identities.by_key
         for _ in range(256):  # bounded batch, so requests are never starved
             try:
                 parts = self._replies.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if by_key:  # slot key -> the headset's newest connection
+                route = self.identities.route_of(parts[0])
+                if route is None:
+                    continue  # revoked or idle since: nobody to answer
+                parts[0] = route
             router.send_multipart(parts)
+
+    def _reply_to_slot(self, key: bytes, reply: bytes) -> None:
+        """Inline pipelines' replies: the slot key is the headset, not the route (CURVE)."""
+        if self.identities.by_key:
+            route = self.identities.route_of(key)
+            if route is None:
+                return  # revoked or idle since: nobody to answer
+            key = route
+        self._router.send_multipart([key, reply])
 
     def _read_requests(self) -> None:
         for _ in range(256):
@@ -260,6 +286,8 @@ class Server:
                 self._handle(parts[0], client, parts[1:], received)
             except ProtocolError as exc:
                 self.counters.errors[exc.code] += 1
+                if exc.code in CLIENT_FAULTS:  # a failing headset loses its turn
+                    self.identities.note_failure(client, self._enrolled_name(parts[0]))
                 seq = peek_seq(parts[1].buffer) if len(parts) > 1 else None
                 self._send(client, encode_error(seq, exc.code, exc.message))
 
@@ -267,10 +295,13 @@ class Server:
                 received: float) -> None:
         if not parts:
             raise ProtocolError(ErrorCode.MALFORMED, "message has no header part")
-        if self._authenticator is not None and \
-                _user_id(identity) not in self._authenticator.allowed:
-            raise ProtocolError(ErrorCode.NOT_ENROLLED,
-                                "this headset's key is no longer enrolled (revoked)")
+        enrolled = None
+        if self._authenticator is not None:
+            enrolled = self._authenticator.names.get(_user_id(identity))
+            if enrolled is None:
+                raise ProtocolError(ErrorCode.NOT_ENROLLED,
+                                    "this headset's key is no longer enrolled (revoked)")
+        self.identities.check_route(client)
         header = parse_header(parts[0].buffer)
         if not isinstance(header, FrameHeader):  # a ping holds no client slot
             self._send(client, encode_pong(header.seq, self._model_info()))
@@ -291,25 +322,36 @@ class Server:
                                 f"{', '.join(self._pipelines)}")
         # A slot is taken only by a frame that passed every check above: a connection that
         # sends a bare header (or garbage) cannot hold one and lock real headsets out.
-        if client not in self._clients and len(self._clients) >= self.config.server.max_clients:
-            raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
-                                f"the daemon already serves {len(self._clients)} clients")
-        self._clients[client] = time.monotonic()
-        limiter = self._rates.get(client)
-        if limiter is None:
-            limiter = self._rates[client] = RateLimiter(self.config.server.max_fps_per_client)
-        if not limiter.allow():
+        headset = self.identities.admit(client, enrolled)
+        replaced = self.identities.take_replaced()
+        if replaced is not None:  # newest wins; the old connection is told why
+            self._send(replaced, encode_error(None, ErrorCode.REPLACED,
+                                              "a newer connection with this headset's key "
+                                              f"({headset.name}) took over; close this one"))
+        if headset.failures.empty():
+            headset.rate_limited += 1
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"over {self.config.server.bad_requests_per_s:g} bad requests/s;"
+                                " frames ignored until fewer fail")
+        if not headset.limiter.allow():
+            headset.rate_limited += 1
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"over {self.config.server.max_fps_per_client:g} frames/s; "
                                 "frame ignored")
+        headset.frames += 1
         self.counters.frames += 1
         job = FrameJob(header, parts[1].buffer, received, keepalive=parts[1:],
                        depth=parts[2].buffer if header.depth is not None else None)
-        superseded = pipeline.submit(client, job)
+        superseded = pipeline.submit(headset.key, job)
         if superseded is not None:
             self.counters.superseded += 1
             self._send(client, encode_dropped(superseded.header.seq, "superseded",
-                                              pipeline.dropped(client)))
+                                              self.dropped(headset)))
+
+    def _enrolled_name(self, identity: zmq.Frame) -> str | None:
+        if self._authenticator is None:
+            return None
+        return self._authenticator.names.get(_user_id(identity))
 
     def _check_limits(self, header: FrameHeader, payload: zmq.Frame) -> None:
         settings = self.config.server
@@ -327,12 +369,18 @@ class Server:
         self._router.send_multipart([client, reply])
 
     def _forget_idle_clients(self) -> None:
-        horizon = time.monotonic() - self.config.server.client_timeout_s
-        for client in [c for c, seen in self._clients.items() if seen < horizon]:
-            del self._clients[client]
-            self._rates.pop(client, None)
+        self._forget(self.identities.idle(self.config.server.client_timeout_s))
+
+    def _forget(self, headsets: list[Headset]) -> None:
+        for headset in headsets:
+            headset.dropped_before = self.dropped(headset)
             for pipeline in self._pipelines.values():
-                pipeline.forget(client)  # its newest-frame slot, tracker and plane cache
+                pipeline.forget(headset.key)  # its newest-frame slot, tracker and plane cache
+
+    def dropped(self, headset: Headset) -> int:
+        """Frames of this headset dropped (superseded or expired), over all its slots."""
+        return headset.dropped_before + sum(p.dropped(headset.key)
+                                            for p in self._pipelines.values())
 
     def _model_info(self) -> list[dict]:
         return [

@@ -47,6 +47,12 @@ class DaemonStatus:
             "endpoints": list(server.endpoints),
             "control": self._control,
             "clients": server.client_count,
+            # Per headset: its enrolled name under CURVE (figures survive reconnects), its
+            # connection ("conn-<routing id>") in plain mode.
+            "identity": "key" if server.identities.by_key else "connection",
+            "headsets": headset_figures(server),
+            "connections": server.monitor.figures() if server.monitor is not None else {},
+            "handshakes": server.admission.figures() if server.admission is not None else {},
             "default_model": server.default_model,
             "counters": {"frames": counters.frames, "superseded": counters.superseded,
                          "errors": dict(counters.errors)},
@@ -58,6 +64,18 @@ class DaemonStatus:
                 for name, p in server.pipelines.items()
             ],
         }
+
+
+def headset_figures(server: Server) -> list[dict[str, Any]]:
+    now = time.monotonic()
+    return [
+        {"name": h.name, "connected": bool(h.last_seen),
+         "idle_s": round(now - h.last_seen, 3) if h.last_seen else None,
+         "frames": h.frames, "dropped": server.dropped(h), "rate_limited": h.rate_limited,
+         "bad_requests": h.bad_requests,
+         "connections": h.connections, "replaced": h.replaced}
+        for h in server.identities.headsets()
+    ]
 
 
 def format_duration(seconds: float) -> str:
@@ -109,3 +127,30 @@ def render_status(status: dict[str, Any], console: Console) -> None:
                       f"[red]{errors_n}[/]" if errors_n else "0")
     console.print()
     console.print(table)
+    headsets = status.get("headsets", [])
+    if headsets:
+        by = "enrolled key" if status.get("identity") == "key" else "connection (plain mode)"
+        rows = Table(title=None, box=None, pad_edge=False, show_edge=False)
+        columns = ("headset", "state", "frames", "dropped", "rate-limited", "connections",
+                   "replaced")
+        for column in columns:
+            rows.add_column(column, justify="left" if column in ("headset", "state")
+                            else "right", header_style="bold", no_wrap=True)
+        for h in headsets:
+            state = "connected" if h.get("connected") else "idle"
+            rows.add_row(text(h.get("name", "?")), state, text(h.get("frames", 0)),
+                         text(h.get("dropped", 0)), text(h.get("rate_limited", 0)),
+                         text(h.get("connections", 0)), text(h.get("replaced", 0)))
+        console.print()
+        console.print(f"  headsets, by {by}", highlight=False)
+        console.print(rows)
+    connections = status.get("connections") or {}
+    if connections:
+        console.print(f"  transport  {text(connections.get('open', 0))} connection(s) open, "
+                      f"{text(connections.get('accepted', 0))} accepted since start",
+                      highlight=False)
+    handshakes = status.get("handshakes") or {}
+    if handshakes:
+        refused = ", ".join(f"{k} {n}" for k, n in sorted(handshakes.get("refused", {}).items()))
+        console.print(f"  handshakes {text(handshakes.get('accepted', 0))} accepted, refused: "
+                      f"{text(refused or 'none')}", highlight=False)

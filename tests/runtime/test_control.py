@@ -191,7 +191,8 @@ def test_daemon_status_reports_models_clients_and_counters():
         counters=SimpleNamespace(results=10, expired=2, errors=1))
     server = SimpleNamespace(
         pipelines={"centerface": pipeline}, default_model="centerface", client_count=2,
-        endpoints=["tcp://127.0.0.1:5555"],
+        endpoints=["tcp://127.0.0.1:5555"], monitor=None, admission=None,
+        identities=SimpleNamespace(by_key=True, headsets=lambda: []),
         counters=SimpleNamespace(frames=13, superseded=1, errors=Counter({"BAD_HEADER": 3})))
     report = DaemonStatus(server, "ipc:///run/sightline/control.sock")()
     assert report["pid"] == os.getpid() and report["clients"] == 2

@@ -380,3 +380,29 @@ def test_serve_exports_prometheus_metrics_of_served_frames(daemon_factory, astro
         and sample.labels.get("model") == "centerface"
     }
     assert counts.get("inference") == 3
+
+
+def test_per_headset_figures_reach_prometheus_and_telemetry_by_enrolled_name(served):
+    status = {**STATUS, "identity": "key",
+              "headsets": [{"name": "quest-01", "connected": True, "idle_s": 0.1,
+                            "frames": 41, "dropped": 3, "rate_limited": 5,
+                            "connections": 4, "replaced": 3}],
+              "handshakes": {"accepted": 6, "refused": {"unknown_key": 90, "key_rate": 2}},
+              "connections": {"open": 3, "accepted": 99, "disconnected": 96, "addresses": 1}}
+    metrics = Metrics(status=lambda: status)
+    families = scrape(served(metrics))
+    headset = (("headset", "quest-01"),)
+    assert samples_of(families["sightline_headset_frames"]) == {
+        ("sightline_headset_frames_total", headset): 41}
+    assert samples_of(families["sightline_headset_rate_limited"])[
+        ("sightline_headset_rate_limited_total", headset)] == 5
+    assert samples_of(families["sightline_headset_connections"])[
+        ("sightline_headset_connections_total", headset)] == 4
+    assert samples_of(families["sightline_handshakes_refused"])[
+        ("sightline_handshakes_refused_total", (("reason", "unknown_key"),))] == 90
+    assert samples_of(families["sightline_connections_open"]) == {
+        ("sightline_connections_open", ()): 3}
+    snapshot = metrics.collect_snapshot()
+    assert snapshot["headsets"][0]["name"] == "quest-01"
+    assert snapshot["headsets"][0]["dropped"] == 3
+    assert snapshot["handshakes"]["refused"]["unknown_key"] == 90
