@@ -197,6 +197,38 @@ class JetsonFigures(_Wire):
     power_mw: dict[str, PowerRail]
 
 
+class HeadsetFigures(_Wire):
+    """One headset: its enrolled name under CURVE, its connection in plain mode."""
+
+    name: str
+    connected: bool
+    idle_s: Number | None = Field(description="null before its first frame")
+    frames: int = Field(ge=0)
+    dropped: int = Field(ge=0)
+    rate_limited: int = Field(ge=0)
+    bad_requests: int = Field(ge=0)
+    connections: int = Field(ge=0, description="connections it has opened")
+    replaced: int = Field(ge=0, description="times a newer connection took over")
+
+
+class HandshakeFigures(_Wire):
+    """CURVE handshakes the ZAP handler judged; an empty object in plain mode."""
+
+    accepted: int = Field(default=0, ge=0)
+    refused: dict[str, int] = Field(default_factory=dict,
+                                    description="refused handshakes by reason")
+
+
+class ConnectionFigures(_Wire):
+    """Transport connections the socket monitor saw; an empty object when none runs."""
+
+    open: int = Field(default=0, ge=0)
+    accepted: int = Field(default=0, ge=0)
+    disconnected: int = Field(default=0, ge=0)
+    addresses: int = Field(default=0, ge=0,
+                           description="source addresses with open connections")
+
+
 class PublisherFigures(_Wire):
     published: int = Field(ge=0)
     failures: int = Field(ge=0)
@@ -217,6 +249,9 @@ class Telemetry(_Wire):
     fps: Number | None
     frames: FrameFigures
     clients: int = Field(ge=0)
+    headsets: list[HeadsetFigures]
+    handshakes: HandshakeFigures
+    connections: ConnectionFigures
     errors: dict[str, int] = Field(description="error replies by code")
     host: HostFigures | None = Field(description="null while the host probe fails")
     jetson: JetsonFigures | None = Field(description="tegrastats; null except on a Jetson "

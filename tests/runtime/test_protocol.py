@@ -329,7 +329,7 @@ def test_every_error_code_is_its_own_name():
     assert set(codes) == {"MALFORMED", "UNSUPPORTED_VERSION", "BAD_HEADER", "BAD_PAYLOAD_SIZE",
                           "DECODE_FAILED", "FRAME_TOO_LARGE", "UNKNOWN_MODEL",
                           "TOO_MANY_CLIENTS", "RATE_LIMITED", "NOT_ENROLLED",
-                          "INTERNAL"}
+                          "REPLACED", "INTERNAL"}
 
 
 # -- properties: whatever arrives, the only failure is a ProtocolError -------------------------
