@@ -52,7 +52,6 @@ class Identities:
         self._replaced: OrderedDict[bytes, str] = OrderedDict()
         self._max_replaced = 4 * max_clients + 64
         self.active = 0  # headsets holding a slot
-        self._just_replaced: bytes | None = None
 
     # -- per message ----------------------------------------------------------------------
     def check_route(self, route: bytes) -> None:
@@ -61,13 +60,14 @@ class Identities:
             raise ProtocolError(ErrorCode.REPLACED, "a newer connection with this headset's "
                                 f"key ({self._replaced[route]}) took over; close this one")
 
-    def admit(self, route: bytes, name: str | None) -> Headset:
-        """The headset a well-formed frame from `route` belongs to (made on first use);
+    def admit(self, route: bytes, name: str | None) -> tuple[Headset, bytes | None]:
+        """The headset a well-formed frame from `route` belongs to (made on first use), and
+        the older connection this one replaced, if any (the server tells it why).
         `name` is the enrolled name under CURVE, None in plain mode."""
         headset = self._routes.get(route)
         if headset is not None and headset.last_seen:
             headset.last_seen = time.monotonic()
-            return headset
+            return headset, None
         if name is None:
             name = "conn-" + route.hex()
         headset = self._headsets.get(name)
@@ -81,24 +81,26 @@ class Identities:
                 self._headsets[name] = headset
                 self._by_key[headset.key] = headset
             self.active += 1
-        if headset.route != route:
-            self._take_over(headset, route)
+        replaced = self._take_over(headset, route) if headset.route != route else None
         headset.last_seen = time.monotonic()
-        return headset
+        return headset, replaced
 
-    def _take_over(self, headset: Headset, route: bytes) -> None:
+    def _take_over(self, headset: Headset, route: bytes) -> bytes | None:
+        """Move the headset to `route`; returns the live connection it replaced."""
         old = headset.route
+        replaced = None
         if old is not None and self._routes.get(old) is headset:
             del self._routes[old]
             self._replaced[old] = headset.name
             if len(self._replaced) > self._max_replaced:
                 self._replaced.popitem(last=False)
             headset.replaced += 1
-            self._just_replaced = old
+            replaced = old
         self._replaced.pop(route, None)
         self._routes[route] = headset
         headset.route = route
         headset.connections += 1
+        return replaced
 
     def note_failure(self, route: bytes, name: str | None) -> None:
         """A request from `route` (enrolled as `name`, under CURVE) got an error reply."""
@@ -106,11 +108,6 @@ class Identities:
         if headset is not None:
             headset.bad_requests += 1
             headset.failures.allow()
-
-    def take_replaced(self) -> bytes | None:
-        """The connection the last admit() replaced, once (the server tells it why)."""
-        old, self._just_replaced = self._just_replaced, None
-        return old
 
     def route_of(self, key: bytes) -> bytes | None:
         """Where a reply for slot key `key` goes: the headset's newest connection."""

@@ -100,6 +100,8 @@ def prepare(model: LoadedModel, client: bytes, job: FrameJob, taken_at: float) -
 
 def batches(items: list[Prepared]) -> list[list[Prepared]]:
     """Group frames that can share one engine call: same model object, same tensor shape."""
+    if len(items) <= 1:  # the usual case: no grouping to do
+        return [items] if items else []
     groups: dict[tuple[int, tuple[int, ...]], list[Prepared]] = {}
     for item in items:
         groups.setdefault((id(item.model), item.tensor.shape), []).append(item)

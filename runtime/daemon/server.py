@@ -251,22 +251,16 @@ class Server:
 
     # -- I/O thread internals -------------------------------------------------------
     def _forward_replies(self) -> None:
-        router = self._router
-        by_key = self.identities.by_key
         for _ in range(256):  # bounded batch, so requests are never starved
             try:
-                parts = self._replies.recv_multipart(zmq.NOBLOCK)
+                key, reply = self._replies.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if by_key:  # slot key -> the headset's newest connection
-                route = self.identities.route_of(parts[0])
-                if route is None:
-                    continue  # revoked or idle since: nobody to answer
-                parts[0] = route
-            router.send_multipart(parts)
+            self._reply_to_slot(key, reply)
 
     def _reply_to_slot(self, key: bytes, reply: bytes) -> None:
-        """Inline pipelines' replies: the slot key is the headset, not the route (CURVE)."""
+        """A pipeline's reply: under CURVE the slot key is the headset, and the reply goes to
+        its newest connection; in plain mode the key is the route."""
         if self.identities.by_key:
             route = self.identities.route_of(key)
             if route is None:
@@ -322,8 +316,7 @@ class Server:
                                 f"{', '.join(self._pipelines)}")
         # A slot is taken only by a frame that passed every check above: a connection that
         # sends a bare header (or garbage) cannot hold one and lock real headsets out.
-        headset = self.identities.admit(client, enrolled)
-        replaced = self.identities.take_replaced()
+        headset, replaced = self.identities.admit(client, enrolled)
         if replaced is not None:  # newest wins; the old connection is told why
             self._send(replaced, encode_error(None, ErrorCode.REPLACED,
                                               "a newer connection with this headset's key "

@@ -172,7 +172,7 @@ def _paired(values: list[float], baseline: list[float]) -> tuple[float, float]:
 
 def _report(console: Console, latency, paths, rates) -> dict:
     console.print(latency_table("Latency, interleaved samples (round trip, client clock)",
-                                {name: values for name, values in latency.items()}))
+                                latency))
     bare = percentiles(latency[BARE])
     table = Table(title="Overhead, ms: p50(path) - p50(baseline) and p99 - p99; paired: "
                         "percentiles of per-frame differences")
