@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from runtime.cli.lazy_group import LazyGroup
+
 DEFAULT_SIGNING_DIR = "~/.config/sightline/signing"
 
 
@@ -223,12 +225,22 @@ def rollback(model, targets, to_version, key_path, timeout_s, **broker) -> None:
     sys.exit(0 if all(d.get("state") == "rolled_back" for d in states.values()) else 1)
 
 
-@click.command()
+@click.group(cls=LazyGroup, invoke_without_command=True, lazy={
+    "history": "cloud_sync.service.cli:history", "rollouts": "cloud_sync.service.cli:rollouts"})
 @click.option("--once", "once_after_s", type=float, metavar="SECONDS",
               help="Collect for SECONDS, print the table once and exit (for scripts).")
 @_broker_options
-def fleet(once_after_s, **broker) -> None:
-    """Live table of the fleet: online, model and version, fps, p99 latency, last OTA."""
+@click.pass_context
+def fleet(ctx, once_after_s, **broker) -> None:
+    """Live table of the fleet: online, model and version, fps, p99 latency, last OTA.
+
+    \b
+    With a command, the fleet service's recorded history instead:
+      sightline fleet history DEVICE     a device's versions and how each change ended
+      sightline fleet rollouts [ID]      rollouts, their steps and telemetry-gate figures
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
 
     from cloud_sync.fleet import watch_fleet

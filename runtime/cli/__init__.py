@@ -39,6 +39,7 @@ COMMANDS = {
     "push": "cloud_sync.cli:push",
     "rollback": "cloud_sync.cli:rollback",
     "fleet": "cloud_sync.cli:fleet",
+    "cloud": "cloud_sync.service.cli:cloud",
 }
 
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the fleet service's schema, applied by database.migrate()."""
