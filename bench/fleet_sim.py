@@ -237,13 +237,23 @@ class SimEngine:
 
 class SimHost:
     """The runtime.daemon.model_host seam without a daemon: what serves, swaps that only record
-    the new version, and health from a steady simulated frame rate (never failing)."""
+    the new version, and health from a steady simulated frame rate (never failing).
 
-    def __init__(self, bundle: Bundle, fps: float) -> None:
+    `slowdown` maps a version to how much slower its inference is (2.0: twice the latency,
+    half the frame rate), `noise` is the +/- share each telemetry figure jitters by: the
+    telemetry gate's tests (tests/cloud_sync/service/test_gate.py) push such versions."""
+
+    def __init__(self, bundle: Bundle, fps: float, *, slowdown: Mapping[str, float] | None = None,
+                 noise: float = 0.0, rng_seed: int = 0) -> None:
         self._lock = threading.Lock()
         self._serving = {bundle.name: bundle.version}
         self._fps = fps
         self._since = time.monotonic()
+        self._slowdown = dict(slowdown or {})
+        self._noise = noise
+        self._rng = np.random.default_rng(rng_seed)
+        self._frames = 0.0
+        self._last = time.monotonic()
         self.swaps = 0
 
     def serving(self) -> dict[str, str]:
@@ -267,12 +277,29 @@ class SimHost:
                            int((time.monotonic() - self._since) * self._fps), 0)
 
     def snapshot(self) -> dict[str, Any]:
-        """A tiny telemetry snapshot in the daemon's shape (fps, models with latency)."""
-        latency = {"p50": 8.1, "p95": 11.7, "p99": 14.2}
-        return {"fps": self._fps,
-                "models": [{"name": name, "version": version, "fps": self._fps,
-                            "latency_ms": {"total": latency, "infer": latency}}
-                           for name, version in self.serving().items()]}
+        """A small telemetry snapshot in the daemon's shape: fps, models with latency,
+        cumulative frame counters, uptime."""
+        serving = self.serving()
+        factor = max([self._slowdown.get(v, 1.0) for v in serving.values()] or [1.0])
+
+        def jitter() -> float:
+            return 1.0 + float(self._rng.uniform(-self._noise, self._noise))
+
+        fps = round(self._fps / factor * jitter(), 2)
+        now = time.monotonic()
+        with self._lock:
+            self._frames += fps * (now - self._last)
+            self._last = now
+            frames = int(self._frames)
+        latency = {"n": frames, "p50": round(8.1 * factor * jitter(), 3),
+                   "p95": round(11.7 * factor * jitter(), 3),
+                   "p99": round(14.2 * factor * jitter(), 3)}
+        return {"fps": fps, "uptime_s": round(now - self._since, 3),
+                "frames": {"received": frames, "results": frames, "dropped": 0,
+                           "superseded": 0, "expired": 0},
+                "models": [{"name": name, "version": version, "fps": fps, "results": frames,
+                            "errors": 0, "latency_ms": {"total": latency, "infer": latency}}
+                           for name, version in serving.items()]}
 
 
 class SimDevice:
@@ -281,11 +308,11 @@ class SimDevice:
 
     def __init__(self, device_id: str, groups: tuple[str, ...], directory: Path, port: int,
                  seed: Bundle, trusted: TrustedKeys, ota: OtaSettings,
-                 telemetry_interval_s: float) -> None:
+                 telemetry_interval_s: float, **host_options: Any) -> None:
         self.device_id = device_id
         store = ModelStore(directory / "models", keep_versions=ota.keep_versions)
         self.store = store
-        self.host = SimHost(store.seed(seed), fps=30.0)
+        self.host = SimHost(store.seed(seed), fps=30.0, **host_options)
         self.link = MqttLink(LinkConfig(host="127.0.0.1", port=port, device_id=device_id,
                                         groups=groups, outbox_path=directory / "outbox.db",
                                         reconnect_max_s=5),

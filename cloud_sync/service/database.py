@@ -107,6 +107,8 @@ def migrate(engine) -> str:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy.exc import OperationalError
 
+    # Alembic logs every plugin it sets up at INFO: noise in the service's log.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         command.upgrade(alembic_config(engine), "head")
         with engine.connect() as connection:

@@ -123,14 +123,14 @@ class Rollout(Base):
 
 
 class RolloutStep(Base):
-    """One device's part in a rollout: its stage and latest OTA state."""
+    """One device's part in a rollout: its latest OTA state (its stage, canary or rest,
+    is whether Rollout.canaries names it)."""
 
     __tablename__ = "rollout_steps"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     update_id: Mapped[str] = mapped_column(ForeignKey("rollouts.update_id"))
     device_id: Mapped[str] = mapped_column(String(64))
-    stage: Mapped[str | None] = mapped_column(String(16), default=None)  # canary, rest
     state: Mapped[str | None] = mapped_column(String(16), default=None)
     detail: Mapped[str | None] = mapped_column(Text, default=None)
     updated_at: Mapped[float] = mapped_column(Float)

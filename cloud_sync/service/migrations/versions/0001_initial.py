@@ -150,7 +150,6 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('update_id', sa.String(length=64), nullable=False),
     sa.Column('device_id', sa.String(length=64), nullable=False),
-    sa.Column('stage', sa.String(length=16), nullable=True),
     sa.Column('state', sa.String(length=16), nullable=True),
     sa.Column('detail', sa.Text(), nullable=True),
     sa.Column('updated_at', sa.Float(), nullable=False),
