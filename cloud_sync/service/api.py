@@ -55,9 +55,10 @@ def rollout_json(rollout: Rollout, steps=None, checks=None) -> dict[str, Any]:
                 "canaries": rollout.canaries, "targets": rollout.targets,
                 "decision": rollout.decision}
     if steps is not None:
-        document["steps"] = [{"device_id": s.device_id,
-                              "stage": "canary" if s.device_id in rollout.canaries else "rest", "state": s.state,
-                              "detail": s.detail, "updated_at": s.updated_at} for s in steps]
+        document["steps"] = [
+            {"device_id": s.device_id, "stage": "canary" if s.device_id in rollout.canaries
+             else "rest", "state": s.state, "detail": s.detail, "updated_at": s.updated_at}
+            for s in steps]
     if checks is not None:
         document["gate"] = [{"device_id": c.device_id, "metric": c.metric, "before": c.before,
                              "after": c.after, "peers": c.peers, "samples": c.samples,

@@ -117,9 +117,9 @@ def test_two_instances_split_the_telemetry_and_record_every_message_once(
         delivered = {_digest(m) for m in observer.everything()}
         assert delivered == _wait_all_recorded(sessions, delivered)
         stored = [s.get("/metrics") for s in (first, second)]
+        counter = 'sightline_service_messages_stored_total{channel="telemetry"}'
         shares = [int(float(line.rsplit(" ", 1)[1])) for text in stored
-                  for line in text.splitlines()
-                  if line.startswith('sightline_service_messages_stored_total{channel="telemetry"}')]
+                  for line in text.splitlines() if line.startswith(counter)]
         assert len(shares) == 2 and min(shares) > 0, shares  # both took part
     finally:
         first.stop()
