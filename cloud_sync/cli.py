@@ -117,9 +117,27 @@ def keys_gen(name: str, directory: str) -> None:
 @click.option("--allow-downgrade", is_flag=True,
               help="Let devices install a version older than the one they serve, or one "
                    "they already moved on from (refused otherwise).")
+@click.option("--gate-window", "gate_window_s", type=float, metavar="SECONDS",
+              help="Telemetry gate (needs --canary): compare each canary's telemetry over "
+                   "SECONDS after confirming with its own SECONDS before and with the devices "
+                   "not yet updated; halt and roll the canaries back when worse.")
+@click.option("--gate-p99", "gate_p99", type=float, default=0.25, show_default=True,
+              help="Gate margin: p99 round trip more than this share higher is worse.")
+@click.option("--gate-fps", "gate_fps", type=float, default=0.20, show_default=True,
+              help="Gate margin: fps more than this share lower is worse.")
+@click.option("--gate-errors", "gate_errors", type=float, default=0.02, show_default=True,
+              help="Gate margin: an error share this much higher (absolute) is worse.")
+@click.option("--gate-drops", "gate_drops", type=float, default=0.05, show_default=True,
+              help="Gate margin: a frame-drop share this much higher (absolute) is worse.")
+@click.option("--gate-min-samples", type=int, default=6, show_default=True,
+              help="Telemetry samples each window needs before the gate decides.")
+@click.option("--db", "db_url", metavar="URL",
+              help="Record the rollout, the gate's figures and the outcome in the fleet "
+                   "service's database (as `sightline cloud serve --db`).")
 @_broker_options
 def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms, atol, rtol,
-         no_reference, timeout_s, keep_chunks, allow_downgrade, **broker) -> None:
+         no_reference, timeout_s, keep_chunks, allow_downgrade, gate_window_s, gate_p99,
+         gate_fps, gate_errors, gate_drops, gate_min_samples, db_url, **broker) -> None:
     """Sign a bundle update and roll it out, following every device's progress.
 
     BUNDLE is a bundle directory or .sightline archive (or 'centerface').
@@ -141,8 +159,15 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
     from cloud_sync.push import RolloutError, package_bundle, resolve_targets, rollout
 
     console = Console(width=None if sys.stdout.isatty() else 200)
+    if gate_window_s is not None and not canaries:
+        raise click.UsageError("--gate-window judges canaries: give --canary too")
     key = _signing_key(key_path)
     config = _operator_config(**broker)
+    record = None
+    if db_url:
+        from cloud_sync.service.rollout_record import RolloutRecord
+
+        record = RolloutRecord(db_url)
     work = Path(tempfile.mkdtemp(prefix="sightline-push-"))
     try:
         from exporters.zoo import resolve_bundle
@@ -156,6 +181,14 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
             canary_devices = (resolve_targets(watcher.state, canaries).members
                               if canaries else ())
             client = watcher.client  # one session publishes and follows progress
+            gate = None
+            if gate_window_s is not None:
+                from cloud_sync.service.gate import GateSettings, TelemetryGate
+
+                gate = TelemetryGate(watcher.state, GateSettings(
+                    window_s=gate_window_s, min_samples=gate_min_samples,
+                    p99_margin=gate_p99, fps_margin=gate_fps, error_margin=gate_errors,
+                    drop_margin=gate_drops))
 
             def publish_fn(client, topic, payload, retain=False):
                 publish_bytes(client, topic, payload, retain=retain, timeout_s=30)
@@ -168,12 +201,14 @@ def push(bundle, targets, key_path, canaries, soak_s, url, chunk_size, budget_ms
                     tolerance=None if no_reference else Tolerance(atol=atol, rtol=rtol),
                     keep_chunks=keep_chunks, allow_downgrade=allow_downgrade,
                     on_event=lambda line: console.print(
-                        line, highlight=False, markup=False))
+                        line, highlight=False, markup=False), gate=gate, record=record)
             except RolloutError as exc:
                 console.print(f"[bold red]rollout stopped:[/] {exc}")
                 sys.exit(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if record is not None:
+            record.close()
     bad = {d: r for d, r in results.items() if r.get("state") not in SUCCEEDED}
     ok = len(results) - len(bad)
     console.print(f"{ok} of {len(results)} device(s) serve the new version"

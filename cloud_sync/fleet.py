@@ -91,6 +91,7 @@ class FleetState:
         self._cond = threading.Condition(threading.RLock())
         self._devices: dict[str, _Device] = {}
         self._progress_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._telemetry_listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     def on_progress(self, listener: Callable[[str, dict[str, Any]], None]
                     ) -> Callable[[], None]:
@@ -99,6 +100,13 @@ class FleetState:
         Returns the function that removes the listener again."""
         self._progress_listeners.append(listener)
         return lambda: self._progress_listeners.remove(listener)
+
+    def on_telemetry(self, listener: Callable[[str, dict[str, Any]], None]
+                     ) -> Callable[[], None]:
+        """Call `listener(device_id, document)` for every telemetry message (from paho's
+        thread): the telemetry gate of `sightline push` keeps its windows this way."""
+        self._telemetry_listeners.append(listener)
+        return lambda: self._telemetry_listeners.remove(listener)
 
     def apply(self, topic: str, payload: bytes, received_at: float | None = None) -> None:
         """Fold one message in; foreign topics and non-JSON payloads are ignored."""
@@ -148,6 +156,9 @@ class FleetState:
             self._cond.notify_all()
         if stored:  # a replayed older step is not news
             for listener in list(self._progress_listeners):
+                listener(device_id, document)
+        if parsed.channel is Channel.TELEMETRY:
+            for listener in list(self._telemetry_listeners):
                 listener(device_id, document)
 
     def rows(self) -> list[DeviceRow]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud_sync.commands import (
+    SUCCEEDED,
     TERMINAL,
     UNSUCCESSFUL,
     HttpDownload,
@@ -180,10 +181,16 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
             chunk_size: int = DEFAULT_CHUNK_SIZE, latency_budget_ms: float | None = None,
             tolerance: Tolerance | None = None, keep_chunks: bool = False,
             allow_downgrade: bool = False,
-            on_event: Callable[[str], None] = log.info) -> dict[str, dict]:
+            on_event: Callable[[str], None] = log.info, gate=None,
+            record=None) -> dict[str, dict]:
     """Publish the bundle and the signed command, canaries first; returns each device's
     final progress document. Raises RolloutError when a canary fails (the rest is then
-    never told) or devices stay silent past `timeout_s`."""
+    never told) or devices stay silent past `timeout_s`.
+
+    `gate` (cloud_sync.service.gate.TelemetryGate) also judges the canaries' telemetry
+    after they confirmed; when it finds one worse, the canaries are rolled back and the
+    rollout halts. `record` (cloud_sync.service.rollout_record.RolloutRecord) keeps the
+    rollout, the gate's figures and how it ended in the fleet service's database."""
     canaries = [d for d in canaries if d in targets.members]
     rest = [d for d in targets.members if d not in canaries]
     command = make_update(archive, url=url, chunk_size=chunk_size,
@@ -191,6 +198,27 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
                           devices=canaries or targets.devices,
                           groups=() if canaries else targets.groups,
                           allow_downgrade=allow_downgrade)
+    if record is not None:
+        record.started(command, targets.members, canaries)
+    try:
+        final = _stages(client, state, archive, private_key, targets, command, canaries, rest,
+                        publish=publish, soak_s=soak_s, timeout_s=timeout_s, url=url,
+                        chunk_size=chunk_size, keep_chunks=keep_chunks, on_event=on_event,
+                        gate=gate, record=record)
+    except RolloutError as exc:
+        if record is not None:
+            record.finished("halted" if getattr(exc, "halted", False) else "failed", str(exc))
+        raise
+    if record is not None:
+        bad = sorted(d for d, doc in final.items() if doc.get("state") not in SUCCEEDED)
+        record.finished("failed" if bad else "completed",
+                        f"not serving the new version: {', '.join(bad)}" if bad else None)
+    return final
+
+
+def _stages(client, state, archive: Path, private_key, targets: Targets, command, canaries,
+            rest, *, publish, soak_s, timeout_s, url, chunk_size, keep_chunks, on_event, gate,
+            record) -> dict[str, dict]:
     on_event(f"update {command.update_id}: {command.model}@{command.version}, "
              f"{command.size} bytes, to {len(targets.members)} device(s)")
     if url is None:
@@ -214,9 +242,14 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
     remove_listener = state.on_progress(report)
     try:
         if canaries:
+            if gate is not None:
+                on_event(f"telemetry gate: baseline of {', '.join(canaries)} over "
+                         f"{gate.settings.window_s:g} s")
+                gate.baseline(canaries)
             on_event(f"stage 1: canaries {', '.join(canaries)}")
             publish_command(client, command, private_key, publish)
             states = wait_for(progress, canaries, timeout_s)
+            confirmed_at = time.time()
             failed = {d: s for d, s in states.items() if d in canaries
                       and s.get("state") in UNSUCCESSFUL}
             if failed:
@@ -226,6 +259,10 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
             if soak_s > 0:
                 on_event(f"canaries confirmed; soaking {soak_s:g} s before the rest")
                 _soak(state, command, canaries, soak_s)
+            if gate is not None:
+                _judge(client, state, command, private_key, canaries, rest, confirmed_at,
+                       publish=publish, timeout_s=timeout_s, on_event=on_event, gate=gate,
+                       record=record)
         if rest:
             if canaries:  # the rest: every group, and the devices named but not canaries
                 command = command.model_copy(update={"devices": tuple(
@@ -239,6 +276,36 @@ def rollout(client, state, archive: Path, private_key, targets: Targets, *,
         remove_listener()
         if not keep_chunks:
             clear_chunks(client, command, publish)
+
+
+class RolloutHalted(RolloutError):
+    """The telemetry gate found a canary worse after the update; the canaries were told
+    to roll back."""
+
+    halted = True
+
+
+def _judge(client, state, command: UpdateCommand, private_key, canaries: list[str],
+           rest: list[str], since: float, *, publish, timeout_s, on_event, gate,
+           record) -> None:
+    on_event(f"telemetry gate: canaries against their baseline and {len(rest)} device(s) "
+             f"not updated, over {gate.settings.window_s:g} s after confirming")
+    verdict = gate.verdict(canaries, rest, since)
+    for check in verdict.checks:
+        on_event(check.line())
+    if record is not None:
+        record.gate(verdict.checks)
+    if not verdict.halt:
+        on_event(verdict.summary)
+        return
+    rollback = RollbackCommand(command_id=f"rollback-{command.model}-{secrets.token_hex(3)}",
+                               model=command.model, to_version=None, devices=tuple(canaries),
+                               groups=())
+    on_event(f"{verdict.summary}; rolling the canaries back ({rollback.command_id})")
+    publish_command(client, rollback, private_key, publish)
+    states = wait_for(lambda: state.all_progress(rollback.command_id), canaries, timeout_s)
+    back = ", ".join(f"{d} {s.get('state')}" for d, s in sorted(states.items()))
+    raise RolloutHalted(f"{verdict.summary}; canaries: {back}; the rest was never told")
 
 
 def _soak(state, command: UpdateCommand, canaries: list[str], soak_s: float) -> None:

@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import select
 
+from cloud_sync.service.figures import figures
 from cloud_sync.service.models import Device, GateCheck, Rollout, RolloutStep, VersionChange
-from cloud_sync.service.records import figures
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from collections.abc import Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from sqlalchemy import func, select
 
+from cloud_sync.service.figures import figures
 from cloud_sync.service.models import Device, VersionChange
-from cloud_sync.service.records import OUTCOMES, figures
+from cloud_sync.service.records import OUTCOMES
 
 OTA_STATES = ("accepted", "downloading", "downloaded", "unpacked", "prepared", "validated",
               "active", "confirmed", "failed", "rejected", "rolled_back", "interrupted",

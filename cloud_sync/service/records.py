@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cloud_sync.service.figures import figures, integer, number
 from cloud_sync.service.models import (
     Device,
     Message,
@@ -100,7 +101,7 @@ def _apply(session: Session, batch: list[Delivered]) -> BatchResult:
             result.ignored += 1
             continue
         channel, device_id, document = parsed
-        ts = _number(document.get("ts")) if document else None
+        ts = number(document.get("ts")) if document else None
         row = Message(digest=digest, device_id=device_id, channel=channel.value, ts=ts,
                       received_at=message.received_at)
         session.add(row)
@@ -138,11 +139,6 @@ def _parse(message: Delivered) -> tuple[Channel, str, dict[str, Any] | None] | N
     return topic.channel, topic.target, document
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else None
-
-
 def _device(session: Session, device_id: str, ts: float | None, received_at: float) -> Device:
     device = session.get(Device, device_id)
     seen = ts if ts is not None else received_at
@@ -171,61 +167,15 @@ def _status(device: Device, document: dict[str, Any] | None) -> None:
         device.last_ota = document["ota"]
 
 
-@dataclass(frozen=True)
-class Figures:
-    """The figures of one telemetry document the service keeps and gates on."""
-
-    models: str | None
-    fps: float | None
-    p50_ms: float | None
-    p99_ms: float | None
-    received: int | None
-    results: int | None
-    dropped: int | None
-    errors: int | None
-
-
-def figures(document: dict[str, Any]) -> Figures:
-    """Reduce a telemetry document: the worst model's end-to-end p50/p99, frame counters
-    and errors summed over models (cumulative since the daemon started)."""
-    models = document.get("models") if isinstance(document.get("models"), list) else []
-    models = [m for m in models if isinstance(m, dict)]
-    p50s, p99s, errors, results = [], [], [], []
-    for model in models:
-        total = ((model.get("latency_ms") or {}).get("total") or {})
-        if isinstance(total, dict):
-            if _number(total.get("p50")) is not None:
-                p50s.append(float(total["p50"]))
-            if _number(total.get("p99")) is not None:
-                p99s.append(float(total["p99"]))
-        if _number(model.get("errors")) is not None:
-            errors.append(int(model["errors"]))
-        if _number(model.get("results")) is not None:
-            results.append(int(model["results"]))
-    frames = document.get("frames") if isinstance(document.get("frames"), dict) else {}
-    names = ",".join(sorted(f"{m.get('name')}@{m.get('version')}" for m in models))
-    return Figures(
-        models=names[:255] or None, fps=_number(document.get("fps")),
-        p50_ms=max(p50s) if p50s else None, p99_ms=max(p99s) if p99s else None,
-        received=_int(frames.get("received")),
-        results=sum(results) if results else _int(frames.get("results")),
-        dropped=_int(frames.get("dropped")), errors=sum(errors) if errors else None)
-
-
-def _int(value: Any) -> int | None:
-    number = _number(value)
-    return int(number) if number is not None else None
-
-
 def _telemetry(session: Session, device: Device, document: dict[str, Any], ts: float | None,
                received_at: float) -> None:
     ts = ts if ts is not None else received_at
     reduced = figures(document)
     session.add(TelemetrySample(device_id=device.device_id, ts=ts,
-                                sequence=_int(document.get("sequence")), **vars(reduced)))
-    newest = _number((device.latest_telemetry or {}).get("ts"))
+                                sequence=integer(document.get("sequence")), **vars(reduced)))
+    newest = number((device.latest_telemetry or {}).get("ts"))
     if newest is None or ts >= newest:  # the outbox replays old samples after an outage
-        uptime = _number(document.get("uptime_s"))
+        uptime = number(document.get("uptime_s"))
         if uptime is not None and device.last_uptime_s is not None \
                 and uptime < device.last_uptime_s:
             device.restarts += 1
@@ -272,7 +222,8 @@ def _progress(session: Session, device: Device, document: dict[str, Any], ts: fl
         change.outcome = OUTCOMES[state]
         change.ended_at = when
         change.reason = (f"{check}: {detail}" if check and detail else detail or check)
-    if not update_id.startswith("unverified-"):
+    # Rollbacks by command (`sightline rollback`, the gate's) are history, not rollouts.
+    if not update_id.startswith(("unverified-", "rollback-")):
         _step(session, device.device_id, update_id, model, version, state, detail, when)
 
 

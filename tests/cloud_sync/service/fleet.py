@@ -28,6 +28,7 @@ class SimFleet:
         self.port = port
         self.seed, self.archive = build_bundles(work, pad_kb=0)
         private, public = generate_signing_key(work / "keys", "ops")
+        self.key_path = private
         self.key = load_private_key(private)
         trusted = TrustedKeys.load([public])
         ota = OtaSettings(probation_s=probation_s, stall_timeout_s=30.0)
