@@ -90,13 +90,18 @@ def _apply(session: Session, batch: list[Delivered]) -> BatchResult:
     result = BatchResult({}, 0, 0)
     digests = {m.digest for m in batch}
     known = set(session.scalars(select(Message.digest).where(Message.digest.in_(digests))))
-    for message in batch:
+    # The batch's devices in one query, held here: the session's identity map is weak,
+    # and a get() that misses it would flush and SELECT once per message.
+    parsed_batch = [(m, _parse(m)) for m in batch]
+    ids = {p[1] for _, p in parsed_batch if p is not None}
+    devices = {d.device_id: d for d in
+               session.scalars(select(Device).where(Device.device_id.in_(ids)))}
+    for message, parsed in parsed_batch:
         digest = message.digest
         if digest in known:
             result.duplicates += 1
             continue
         known.add(digest)
-        parsed = _parse(message)
         if parsed is None:
             result.ignored += 1
             continue
@@ -105,7 +110,7 @@ def _apply(session: Session, batch: list[Delivered]) -> BatchResult:
         row = Message(digest=digest, device_id=device_id, channel=channel.value, ts=ts,
                       received_at=message.received_at)
         session.add(row)
-        device = _device(session, device_id, ts, message.received_at)
+        device = _device(session, devices, device_id, ts, message.received_at)
         if channel is Channel.STATUS:
             _status(device, document)
         elif channel is Channel.TELEMETRY:
@@ -139,13 +144,15 @@ def _parse(message: Delivered) -> tuple[Channel, str, dict[str, Any] | None] | N
     return topic.channel, topic.target, document
 
 
-def _device(session: Session, device_id: str, ts: float | None, received_at: float) -> Device:
-    device = session.get(Device, device_id)
+def _device(session: Session, devices: dict[str, Device], device_id: str, ts: float | None,
+            received_at: float) -> Device:
+    device = devices.get(device_id)
     seen = ts if ts is not None else received_at
     if device is None:
         device = Device(device_id=device_id, first_seen=seen, last_seen=seen,
                         last_heard=received_at, groups=[], models={}, restarts=0)
         session.add(device)
+        devices[device_id] = device
     else:
         device.last_seen = max(device.last_seen, seen)
         device.last_heard = max(device.last_heard, received_at)
@@ -251,11 +258,12 @@ def _step(session: Session, device_id: str, update_id: str, model: str | None,
     step.state, step.detail, step.updated_at = state, detail, max(step.updated_at, when)
     if not rollout.targets:
         session.flush()
-        states = session.scalars(select(RolloutStep.state)
-                                 .where(RolloutStep.update_id == update_id)).all()
+        steps = select(func.count()).select_from(RolloutStep).where(
+            RolloutStep.update_id == update_id)
         # Recomputed on every step: a canary stage that ended is reopened by stage 2.
-        if all(s in OUTCOMES for s in states):
-            rollout.state = "completed" if all(s in SUCCEEDED for s in states) else "failed"
+        if not session.scalar(steps.where(RolloutStep.state.not_in(tuple(OUTCOMES)))):
+            unsuccessful = session.scalar(steps.where(RolloutStep.state.not_in(SUCCEEDED)))
+            rollout.state = "failed" if unsuccessful else "completed"
             rollout.ended_at = when
         else:
             rollout.state, rollout.ended_at = "running", None
