@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from cloud_sync.service.figures import figures
 from cloud_sync.service.models import Device, GateCheck, Rollout, RolloutStep, VersionChange
+from runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,11 @@ class ApiServer:
         self._sessions = sessions
         self._registry = registry
         self._health = health
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(f"--http {host}:{port}: cannot listen there ({exc.strerror}); "
+                              "pick another port (0: any free one)") from exc
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -124,10 +129,10 @@ class ApiServer:
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
+        if self._thread is not None:  # shutdown() waits for serve_forever: only if it runs
+            self._httpd.shutdown()
             self._thread.join(5)
+        self._httpd.server_close()
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         path = urlsplit(request.path).path.rstrip("/") or "/"

@@ -121,10 +121,38 @@ def migrate(engine) -> str:
 
 
 def open_database(url: str, *, migrate_schema: bool = True):
-    """(engine, sessionmaker) for `url`, migrated to the newest schema unless told not to."""
+    """(engine, sessionmaker) for `url`, migrated to the newest schema; with
+    `migrate_schema=False` (the readers), a database the service never set up is a
+    DatabaseError instead (and an absent SQLite file is not created)."""
     from sqlalchemy.orm import sessionmaker
 
+    if not migrate_schema:
+        _check_exists(url)
     engine = open_engine(url)
     if migrate_schema:
         migrate(engine)
+    else:
+        from alembic.runtime.migration import MigrationContext
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            with engine.connect() as connection:
+                revision = MigrationContext.configure(connection).get_current_revision()
+        except OperationalError as exc:
+            engine.dispose()
+            raise DatabaseError(f"cannot open the database {redact(str(engine.url))}: "
+                                f"{exc.orig}") from exc
+        if revision is None:
+            engine.dispose()
+            raise DatabaseError(f"{redact(url)} is not a fleet service database (no schema); "
+                                "`sightline cloud serve --db URL` creates it")
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+def _check_exists(url: str) -> None:
+    url = normalise_url(url)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.split(":///", 1)[1])
+        if not path.is_file():
+            raise DatabaseError(f"no fleet service database at {path}; start "
+                                "`sightline cloud serve` (or give --db / $SIGHTLINE_CLOUD_DB)")

@@ -42,7 +42,12 @@ class FleetService:
         self.retention = RetentionThread(self.sessions, config.retention)
 
     def start(self) -> FleetService:
-        self.ingest.start()
+        try:
+            self.ingest.start()
+        except BaseException:
+            self.api.stop()
+            self.engine.dispose()
+            raise
         self.api.start()
         self.retention.start()
         log.info("fleet service: database %s, broker %s, http://%s:%d", redact(

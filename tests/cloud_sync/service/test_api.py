@@ -128,3 +128,12 @@ def test_fleet_history_and_rollouts_print_what_the_service_recorded(filled):
     assert "telemetry gate" in detail.stdout and "worse" in detail.stdout
     unknown = _run("fleet", "history", "nobody", "--db", url)
     assert unknown.returncode == 2 and "no device 'nobody'" in unknown.stderr
+
+
+def test_history_without_a_service_database_and_a_service_without_a_broker_say_so(tmp_path):
+    missing = _run("fleet", "history", "edge-a", "--db", str(tmp_path / "none.db"))
+    assert missing.returncode == 2 and "no fleet service database" in missing.stderr
+    assert not (tmp_path / "none.db").exists()
+    down = _run("cloud", "serve", "--db", str(tmp_path / "c.db"), "--broker", "127.0.0.1:1",
+                "--http", "127.0.0.1:0")
+    assert down.returncode == 2 and "cannot reach the broker at 127.0.0.1:1" in down.stderr
