@@ -93,12 +93,12 @@ class Service:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = open(self.work / "service.log", "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "cloud", "serve",
-             "--db", self.db_url, "--broker", f"127.0.0.1:{self.port}",
-             "--http", f"127.0.0.1:{self.http}", "--client-id", "bench-cloud"],
-            stdout=log, stderr=subprocess.STDOUT)
+        with open(self.work / "service.log", "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "cloud",
+                 "serve", "--db", self.db_url, "--broker", f"127.0.0.1:{self.port}",
+                 "--http", f"127.0.0.1:{self.http}", "--client-id", "bench-cloud"],
+                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while "recording into" not in (self.work / "service.log").read_text():
             if time.monotonic() > deadline or self.process.poll() is not None:

@@ -6,8 +6,8 @@ splitting telemetry (shared subscription), each one's /metrics shows the whole f
 Label cardinality is bounded by design: `device` (the fleet's size), `model` (models per
 device, a handful), `state`/`outcome` (fixed enums). The model *version* appears only on
 the info metric and the per-version aggregates, so an update replaces a series instead
-of adding one per device per version. With one model per device that is 25 series a
-device: 250,000 for 10,000 devices (docs/cloud-service.md has the measured scrape cost).
+of adding one per device per version. With one model per device that is 22 series a
+device: 220,000 for 10,000 devices (docs/cloud-service.md has the measured scrape cost).
 """
 
 from __future__ import annotations
