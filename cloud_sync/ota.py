@@ -58,6 +58,8 @@ class Host(Protocol):
 
     def open_engine(self, bundle: Bundle) -> Engine: ...
 
+    def fuse(self, bundle: Bundle, engine: Engine) -> Engine: ...
+
     def warm_up(self, bundle: Bundle, engine: Engine) -> None: ...
 
     def swap(self, bundle: Bundle, engine: Engine) -> None: ...
@@ -249,6 +251,7 @@ class Updater:
             self._step(command, step, detail=f"median latency {report.latency_ms:.2f} ms"
                        + (f", max error {report.max_abs_error:.3g}"
                           if report.max_abs_error is not None else ""))
+            engine = self._host.fuse(bundle, engine)  # checked against the reference
             self._host.warm_up(bundle, engine)
             target = self._store.install(bundle.directory, command.model, command.version)
             failpoint("ota:installed")

@@ -25,8 +25,9 @@ from runtime.daemon.identity import Headset, Identities
 from runtime.daemon.pipeline import FrameJob, ModelPipeline, prepares_ahead
 from runtime.daemon.security import HeadsetAuthenticator
 from runtime.daemon.service import Watchdog
-from runtime.engines import EngineBuilder, open_bundle_engine
+from runtime.engines import EngineBuilder
 from runtime.errors import ConfigError, ProtocolError
+from runtime.fusion.open import open_serving_engine
 from runtime.models.bundle import Bundle
 from runtime.protocol import (
     MAX_HEADER_BYTES,
@@ -98,7 +99,7 @@ class Server:
             if bundle.name in self._pipelines:
                 raise ConfigError(f"two models are named {bundle.name!r}; a daemon serves each "
                                   "name once (re-import one with another --name)")
-            engine = open_bundle_engine(bundle, config.engine, engine_builder)
+            engine = open_serving_engine(bundle, config.engine, engine_builder)
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s,
                 **_pipeline_options(settings, engine, len(bundles)))

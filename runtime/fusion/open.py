@@ -1,0 +1,144 @@
+"""Open the engine a daemon serves a bundle with: fused where it can be, checked first.
+
+The fused model is written as a bundle of its own under the cache (`fused/`), named by a
+digest of everything it depends on (the model's bytes, the manifest's preprocessing,
+thresholds and outputs, the flavour, the fusion code's version), so a TensorRT engine built
+from it is keyed by that too. It is checked against the Python reference every time it is
+opened (runtime/fusion/parity.py); a bundle that cannot be fused, or whose fused graph
+disagrees, is served with the Python steps and the log says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from devices.platform import detect_platform
+from runtime.engines import Engine, EngineBuilder, EngineSettings, open_bundle_engine
+from runtime.engines.seam import TensorSpec
+from runtime.errors import BundleError
+from runtime.fusion.compose import FusionUnavailable, compose
+from runtime.fusion.parity import FusionMismatch, ParityReport, check_fusion
+from runtime.fusion.suffix import SUFFIXES
+from runtime.models.assets import cache_dir
+from runtime.models.bundle import Bundle, OnnxFile, write_bundle
+
+log = logging.getLogger(__name__)
+FUSION_VERSION = "1"  # bump when the prefix/suffix builders change what they emit
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """What a fused engine takes and returns; the frame path reads it."""
+
+    resize_in_graph: bool
+    decodes: bool  # kept boxes come out instead of the model's own outputs
+    digest: str
+    report: ParityReport
+
+
+class FusedEngine:
+    """An Engine over a fused bundle, carrying its FusionSpec (`fusion`)."""
+
+    def __init__(self, engine: Engine, fusion: FusionSpec) -> None:
+        self._engine = engine
+        self.fusion = fusion
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._engine.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self._engine.outputs
+
+    @property
+    def provider(self) -> str:
+        return self._engine.provider
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._engine.infer(feeds)
+
+    def close(self) -> None:
+        self._engine.close()
+
+
+def resize_in_graph_for(settings: EngineSettings) -> bool:
+    """Resize in the engine where a GPU runs it; on CPU, OpenCV's uint8 resize is far faster
+    than ONNX Runtime's CPU Resize kernel (docs/performance.md)."""
+    return (detect_platform().has_nvidia_gpu
+            and settings.providers != ("CPUExecutionProvider",))
+
+
+def fusion_digest(bundle: Bundle, resize_in_graph: bool) -> str:
+    m = bundle.manifest
+    recipe = {"onnx": m.onnx.sha256, "task": m.task, "input": m.input.model_dump(),
+              "preprocess": m.preprocess.model_dump(), "thresholds": m.thresholds.model_dump(),
+              "outputs": m.outputs, "resize_in_graph": resize_in_graph,
+              "fusion": FUSION_VERSION}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def fused_bundle(bundle: Bundle, *, resize_in_graph: bool, root: Path | None = None,
+                 prefix: onnx.ModelProto | None = None) -> tuple[Bundle, FusionSpec]:
+    """The checked fused bundle for `bundle` (built once, then read from the cache)."""
+    decodes = bundle.manifest.task in SUFFIXES
+    digest = fusion_digest(bundle, resize_in_graph)
+    directory = (root or cache_dir() / "fused") / f"{bundle.name}-{digest}"
+    fused: Bundle | None = None
+    if directory.is_dir():
+        try:
+            fused = Bundle.load(directory)
+        except BundleError:
+            fused = None  # damaged: rebuilt below
+    if fused is None:
+        model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest,
+                        resize_in_graph=resize_in_graph, decode=decodes)
+        data = model.SerializeToString()
+        source = {**bundle.manifest.source, "fused_from": bundle.manifest.onnx.sha256,
+                  "fusion": digest, "fusion_resize": "graph" if resize_in_graph else "host"}
+        manifest = bundle.manifest.model_copy(update={
+            "onnx": OnnxFile(sha256=hashlib.sha256(data).hexdigest()), "source": source,
+            "sample": None})
+        check = check_fusion(bundle, model, resize_in_graph=resize_in_graph, prefix=prefix)
+        fused = write_bundle(directory, manifest, data)
+        return fused, FusionSpec(resize_in_graph, decodes, digest, check)
+    check = check_fusion(bundle, onnx.load(str(fused.onnx_path)),
+                         resize_in_graph=resize_in_graph, prefix=prefix)
+    return fused, FusionSpec(resize_in_graph, decodes, digest, check)
+
+
+def open_serving_engine(bundle: Bundle, settings: EngineSettings,
+                        builder: EngineBuilder | None = None, *, strict: bool = False,
+                        fuse: Callable[..., tuple[Bundle, FusionSpec]] = fused_bundle) -> Engine:
+    """The engine to serve `bundle` with: fused (`engine.fused = "auto"`) where the bundle's
+    steps fuse and the fused graph agrees with the Python reference, else the model alone.
+
+    `strict` (OTA validation): a fused graph that disagrees raises FusionMismatch instead of
+    falling back, so the update is refused before it serves."""
+    if settings.fused == "off":
+        return open_bundle_engine(bundle, settings, builder)
+    resize_in_graph = resize_in_graph_for(settings)
+    try:
+        fused, spec = fuse(bundle, resize_in_graph=resize_in_graph)
+    except FusionUnavailable as exc:
+        log.info("%s: preprocessing%s run in Python (%s)", bundle.name,
+                 " and decoding" if bundle.manifest.task in SUFFIXES else "", exc)
+        return open_bundle_engine(bundle, settings, builder)
+    except FusionMismatch as exc:
+        if strict:
+            raise
+        log.warning("%s: %s; serving with the Python steps", bundle.name, exc)
+        return open_bundle_engine(bundle, settings, builder)
+    log.info("%s: preprocessing%s fused into the engine (resize on the %s; checked on %d "
+             "frames, preprocessing within %.2g, %d boxes compared)", bundle.name,
+             " and decoding" if spec.decodes else "", "engine" if resize_in_graph else "host",
+             spec.report.frames, spec.report.preprocess_max_error, spec.report.boxes_compared)
+    return FusedEngine(open_bundle_engine(fused, settings, builder), spec)
