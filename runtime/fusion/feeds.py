@@ -51,9 +51,10 @@ class FusedFeeds:
         src_h, src_w = image.shape[:2]
         pre = self._manifest.preprocess
         in_w, in_h = input_size(self._manifest.input, src_w, src_h)
-        if self._want == "gray" and color != "gray":
-            image, color = convert_color(image, color, "gray"), "gray"
+        to_gray = self._want == "gray" and color != "gray"
         if self._resize_in_graph:
+            if to_gray:
+                image, color = convert_color(image, color, "gray"), "gray"
             new_w, new_h, pad_x, pad_y, transform = letterbox_geometry(pre, src_w, src_h,
                                                                        in_w, in_h)
             feeds = {FRAME: _nhwc(image), CHANNELS: self._channels[color],
@@ -62,6 +63,8 @@ class FusedFeeds:
                                       in_h - new_h - pad_y)}
             return feeds, transform
         resized, transform = resize_frame(image, pre, src_w, src_h, in_w, in_h)
+        if to_gray:  # after the resize, as the Preprocessor does: the same pixels exactly
+            resized, color = convert_color(resized, color, "gray"), "gray"
         return {FRAME: _nhwc(resized), CHANNELS: self._channels[color]}, transform
 
     def _sizes(self, width: int, height: int) -> np.ndarray:

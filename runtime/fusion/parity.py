@@ -5,7 +5,8 @@ Three checks, on ONNX Runtime's CPU provider (the reference backend, on every ma
   model's own size and of another aspect, in BGR and RGB;
 - decoding: the suffix alone against the Python task decoder, on the model's real outputs
   for those frames (and the bundle's sample) and on synthetic outputs dense with candidates;
-- end to end: the fused model against Python preprocess -> model -> Python decode.
+- composition: the fused model against the model run on the prefix's tensor, then the
+  Python decoder.
 Any disagreement beyond the stated tolerance raises FusionMismatch, naming the step.
 """
 
@@ -24,7 +25,7 @@ from runtime.fusion.feeds import FusedFeeds
 from runtime.fusion.prefix import gain_bias
 from runtime.fusion.suffix import SUFFIXES
 from runtime.models.bundle import Bundle, Manifest
-from runtime.models.preprocess import FrameTransform, Preprocessor, input_size
+from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.results import TaskResult
 from runtime.tasks import make_decoder
 from runtime.tasks.kept import KeptBoxesDecoder
@@ -119,26 +120,29 @@ def check_fusion(bundle: Bundle, fused: onnx.ModelProto, *, resize_in_graph: boo
                 f"{bundle.name}: in-graph preprocessing differs from the Python reference by "
                 f"up to {error:.3g} on a {image.shape[1]}x{image.shape[0]} {color} frame "
                 f"(tolerance {tolerance:.3g}); serve it with engine.fused = \"off\"")
-        outputs = _run(model_session, {manifest.input.name: reference})
+        # The composition is checked on the prefix's own tensor: the preprocessing is
+        # checked above, the decoding below, on the same outputs.
+        outputs = _run(model_session, {manifest.input.name: graph})
         fused_outputs = _run(fused_session, feeds)
         if not decode:
             _compare_raw(bundle, outputs, fused_outputs)
             continue
         for expected_outputs, got_outputs in (
                 (outputs, fused_outputs),
-                (outputs, _run(suffix_session, {manifest.input.name: reference, **outputs}))):
+                (outputs, _run(suffix_session, {manifest.input.name: graph, **outputs}))):
             n, iou, score = _compare_boxes(bundle, python_decode(expected_outputs, transform),
                                            kept(got_outputs, transform))
             compared, worst_iou, worst_score = (compared + n, min(worst_iou, iou),
                                                 max(worst_score, score))
-    if decode:
-        for tensor, synthetic in synthetic_outputs(manifest):
-            identity = _identity(tensor, manifest)
-            got = _run(suffix_session, {manifest.input.name: tensor, **synthetic})
-            n, iou, score = _compare_boxes(bundle, python_decode(synthetic, identity),
-                                           kept(got, identity))
-            compared, worst_iou, worst_score = (compared + n, min(worst_iou, iou),
-                                                max(worst_score, score))
+    if decode:  # dense candidates in the shapes the model really produced
+        synthetic = synthetic_outputs(manifest, outputs, width=graph.shape[-1 if
+                                      manifest.input.layout == "NCHW" else -2])
+        identity = _identity(graph, manifest)
+        got = _run(suffix_session, {manifest.input.name: graph, **synthetic})
+        n, iou, score = _compare_boxes(bundle, python_decode(synthetic, identity),
+                                       kept(got, identity))
+        compared, worst_iou, worst_score = (compared + n, min(worst_iou, iou),
+                                            max(worst_score, score))
     return ParityReport(len(frames), worst_pre, tolerance, compared, worst_iou, worst_score)
 
 
@@ -149,7 +153,7 @@ def _compare_raw(bundle: Bundle, expected: dict, got: dict) -> None:
         if other is None or other.shape != value.shape or not np.allclose(
                 other, value, rtol=0, atol=1e-4 * scale):
             raise FusionMismatch(f"{bundle.name}: the fused model's output {name!r} differs "
-                                 "from the model's own on the Python-preprocessed frame")
+                                 "from the model's own on the same preprocessed frame")
 
 
 def _iou(a, b) -> float:
@@ -188,28 +192,25 @@ def _identity(tensor: np.ndarray, manifest: Manifest) -> FrameTransform:
     return FrameTransform(1.0, 1.0, 0.0, 0.0, int(w), int(h), int(w), int(h))
 
 
-def synthetic_outputs(manifest: Manifest) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Model outputs dense with overlapping candidates, so NMS and top-K really run."""
+def synthetic_outputs(manifest: Manifest, real: dict[str, np.ndarray], *,
+                      width: int) -> dict[str, np.ndarray]:
+    """Outputs shaped like the model's `real` ones but dense with overlapping candidates,
+    so NMS and top-K really run (a textured check frame holds no face)."""
     rng = np.random.default_rng(11)
-    size = manifest.input.size
-    width, height = ((size.width, size.height) if size.mode == "fixed"
-                     else input_size(manifest.input, 640, 480))
-    channels = 1 if manifest.preprocess.color == "gray" else 3
-    shape = ((1, channels, height, width) if manifest.input.layout == "NCHW"
-             else (1, height, width, channels))
-    tensor = np.zeros(shape, np.float32)
     roles = manifest.outputs
     if manifest.task == "face":
-        gh, gw = height // 4, width // 4
-        heat = (rng.random((1, 1, gh, gw)) ** 6).astype(np.float32)
-        scale = rng.uniform(1.0, 3.5, (1, 2, gh, gw)).astype(np.float32)
-        offset = rng.uniform(0, 1, (1, 2, gh, gw)).astype(np.float32)
-        marks = rng.uniform(0, 1, (1, 10, gh, gw)).astype(np.float32)
-        return [(tensor, {roles["heatmap"]: heat, roles["scale"]: scale,
-                          roles["offset"]: offset, roles["landmarks"]: marks})]
-    anchors, classes = 2000, max(1, len(manifest.labels) or 3)
-    centre = np.stack([rng.uniform(0, width, anchors), rng.uniform(0, height, anchors),
-                       rng.uniform(8, width / 3, anchors), rng.uniform(8, height / 3, anchors)])
-    scores = rng.random((classes, anchors)) ** 4
-    predictions = np.concatenate([centre, scores])[None].astype(np.float32)
-    return [(tensor, {roles["predictions"]: predictions})]
+        shape = real[roles["heatmap"]].shape
+        grid = shape[2:]
+        def uniform(low, high, channels):
+            return rng.uniform(low, high, (shape[0], channels, *grid)).astype(np.float32)
+        return {roles["heatmap"]: (rng.random(shape) ** 6).astype(np.float32),
+                roles["scale"]: uniform(1.0, 3.5, 2), roles["offset"]: uniform(0, 1, 2),
+                roles["landmarks"]: uniform(0, 1, real[roles["landmarks"]].shape[1])}
+    batch, rows, anchors = real[roles["predictions"]].shape
+    height = width  # boxes spread over a square of the input's width; extent is irrelevant
+    centre = np.stack([rng.uniform(0, width, (batch, anchors)),
+                       rng.uniform(0, height, (batch, anchors)),
+                       rng.uniform(4, width / 3, (batch, anchors)),
+                       rng.uniform(4, height / 3, (batch, anchors))], axis=1)
+    scores = rng.random((batch, rows - 4, anchors)) ** 4
+    return {roles["predictions"]: np.concatenate([centre, scores], axis=1).astype(np.float32)}
