@@ -50,7 +50,7 @@ def _value_info(model: onnx.ModelProto, name: str):
 
 
 def compose(model: onnx.ModelProto, manifest: Manifest, *, resize_in_graph: bool,
-            decode: bool) -> onnx.ModelProto:
+            decode: bool, cast_first: bool = False) -> onnx.ModelProto:
     """The fused model: uint8 frame in; kept boxes out (decode) or the model's outputs."""
     model = lifted(model)
     graph = model.graph
@@ -58,7 +58,8 @@ def compose(model: onnx.ModelProto, manifest: Manifest, *, resize_in_graph: bool
     if original.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise FusionUnavailable("the model input is not float32")
     w = GraphWriter("pre")
-    new_inputs = build_prefix(w, manifest, resize_in_graph=resize_in_graph)
+    new_inputs = build_prefix(w, manifest, resize_in_graph=resize_in_graph,
+                              cast_first=cast_first)
     nodes = list(w.nodes) + list(graph.node)
     initializers = list(w.initializers) + list(graph.initializer)
     outputs = list(graph.output)
@@ -81,10 +82,11 @@ def compose(model: onnx.ModelProto, manifest: Manifest, *, resize_in_graph: bool
     return fused
 
 
-def prefix_only(manifest: Manifest, *, resize_in_graph: bool) -> onnx.ModelProto:
+def prefix_only(manifest: Manifest, *, resize_in_graph: bool,
+                cast_first: bool = False) -> onnx.ModelProto:
     """Just the preprocessing, output = the model input tensor: checked against Python."""
     w = GraphWriter("pre")
-    inputs = build_prefix(w, manifest, resize_in_graph=resize_in_graph)
+    inputs = build_prefix(w, manifest, resize_in_graph=resize_in_graph, cast_first=cast_first)
     out = helper.make_tensor_value_info(manifest.input.name, onnx.TensorProto.FLOAT,
                                         ["n", "c", "h", "w"])
     return _standalone(w, inputs, [out], "prefix")

@@ -11,6 +11,7 @@ disagrees, is served with the Python steps and the log says why.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -70,27 +71,49 @@ class FusedEngine:
         self._engine.close()
 
 
-def resize_in_graph_for(settings: EngineSettings) -> bool:
-    """Resize in the engine where a GPU runs it; on CPU, OpenCV's uint8 resize is far faster
-    than ONNX Runtime's CPU Resize kernel (docs/performance.md)."""
-    return (detect_platform().has_nvidia_gpu
-            and settings.providers != ("CPUExecutionProvider",))
+def native_tensorrt(settings: EngineSettings) -> bool:
+    """Whether the selector will (try to) build a native TensorRT engine here."""
+    if settings.backend == "onnxruntime" or not detect_platform().has_nvidia_gpu:
+        return False
+    return settings.backend == "tensorrt" or importlib.util.find_spec("tensorrt") is not None
 
 
-def fusion_digest(bundle: Bundle, resize_in_graph: bool) -> str:
+def flavour_for(settings: EngineSettings) -> tuple[bool, bool, bool]:
+    """(resize_in_graph, decode_in_graph, cast_first) for the engine these settings open.
+
+    CPU: OpenCV resizes uint8 on the host (ONNX Runtime's CPU Resize measured far slower,
+    docs/performance.md), the engine does the rest and the decoding. ONNX Runtime on a GPU
+    (CUDA / TensorRT providers): everything in the engine. Native TensorRT: preprocessing
+    with the host's resize, and Python decoding, since NMS's data-dependent output shape
+    needs an IOutputAllocator that runtime/engines/tensorrt.py does not have yet and the
+    Resize sizes would be shape tensors its profiles do not set.
+    """
+    if native_tensorrt(settings):
+        return False, False, True
+    gpu = (detect_platform().has_nvidia_gpu
+           and settings.providers != ("CPUExecutionProvider",))
+    return gpu, True, gpu
+
+
+def fusion_digest(bundle: Bundle, resize_in_graph: bool, decode: bool,
+                  cast_first: bool = False) -> str:
     m = bundle.manifest
     recipe = {"onnx": m.onnx.sha256, "task": m.task, "input": m.input.model_dump(),
               "preprocess": m.preprocess.model_dump(), "thresholds": m.thresholds.model_dump(),
-              "outputs": m.outputs, "resize_in_graph": resize_in_graph,
+              "outputs": m.outputs, "resize_in_graph": resize_in_graph, "decode": decode,
+              "cast_first": cast_first,
               "fusion": FUSION_VERSION}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def fused_bundle(bundle: Bundle, *, resize_in_graph: bool, root: Path | None = None,
+def fused_bundle(bundle: Bundle, *, resize_in_graph: bool, decode: bool = True,
+                 cast_first: bool = False, root: Path | None = None,
                  prefix: onnx.ModelProto | None = None) -> tuple[Bundle, FusionSpec]:
-    """The checked fused bundle for `bundle` (built once, then read from the cache)."""
-    decodes = bundle.manifest.task in SUFFIXES
-    digest = fusion_digest(bundle, resize_in_graph)
+    """The checked fused bundle for `bundle` (built once, then read from the cache).
+    `decode`: append the box decoding where the task has one."""
+    decodes = decode and bundle.manifest.task in SUFFIXES
+    digest = fusion_digest(bundle, resize_in_graph, decodes, cast_first)
+    options = {"resize_in_graph": resize_in_graph, "decode": decodes, "cast_first": cast_first}
     directory = (root or cache_dir() / "fused") / f"{bundle.name}-{digest}"
     fused: Bundle | None = None
     if directory.is_dir():
@@ -99,19 +122,17 @@ def fused_bundle(bundle: Bundle, *, resize_in_graph: bool, root: Path | None = N
         except BundleError:
             fused = None  # damaged: rebuilt below
     if fused is None:
-        model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest,
-                        resize_in_graph=resize_in_graph, decode=decodes)
+        model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest, **options)
         data = model.SerializeToString()
         source = {**bundle.manifest.source, "fused_from": bundle.manifest.onnx.sha256,
                   "fusion": digest, "fusion_resize": "graph" if resize_in_graph else "host"}
         manifest = bundle.manifest.model_copy(update={
             "onnx": OnnxFile(sha256=hashlib.sha256(data).hexdigest()), "source": source,
             "sample": None})
-        check = check_fusion(bundle, model, resize_in_graph=resize_in_graph, prefix=prefix)
+        check = check_fusion(bundle, model, prefix=prefix, **options)
         fused = write_bundle(directory, manifest, data)
         return fused, FusionSpec(resize_in_graph, decodes, digest, check)
-    check = check_fusion(bundle, onnx.load(str(fused.onnx_path)),
-                         resize_in_graph=resize_in_graph, prefix=prefix)
+    check = check_fusion(bundle, onnx.load(str(fused.onnx_path)), prefix=prefix, **options)
     return fused, FusionSpec(resize_in_graph, decodes, digest, check)
 
 
@@ -125,12 +146,14 @@ def open_serving_engine(bundle: Bundle, settings: EngineSettings,
     falling back, so the update is refused before it serves."""
     if settings.fused == "off":
         return open_bundle_engine(bundle, settings, builder)
-    resize_in_graph = resize_in_graph_for(settings)
+    resize_in_graph, decode, cast_first = flavour_for(settings)
     try:
-        fused, spec = fuse(bundle, resize_in_graph=resize_in_graph)
+        fused, spec = fuse(bundle, resize_in_graph=resize_in_graph, decode=decode,
+                           cast_first=cast_first)
     except FusionUnavailable as exc:
         log.info("%s: preprocessing%s run in Python (%s)", bundle.name,
                  " and decoding" if bundle.manifest.task in SUFFIXES else "", exc)
+        # (the model's own opset, operators or input type are what fusion cannot take)
         return open_bundle_engine(bundle, settings, builder)
     except FusionMismatch as exc:
         if strict:

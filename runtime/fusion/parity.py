@@ -82,15 +82,18 @@ def _run(session: ort.InferenceSession, feeds: dict) -> dict[str, np.ndarray]:
 
 
 def check_fusion(bundle: Bundle, fused: onnx.ModelProto, *, resize_in_graph: bool,
+                 decode: bool = True, cast_first: bool = False,
                  prefix: onnx.ModelProto | None = None) -> ParityReport:
     """Raise FusionMismatch unless `fused` agrees with the Python steps for this bundle.
-    `prefix`: the preprocessing graph to check (default: the one fusion builds)."""
+    `decode`: whether `fused` ends in the box decoding; `prefix`: the preprocessing graph
+    to check (default: the one fusion builds)."""
     manifest = bundle.manifest
-    decode = manifest.task in SUFFIXES
+    decode = decode and manifest.task in SUFFIXES
     frames = check_frames(manifest)
     feeds_for = FusedFeeds(manifest, resize_in_graph=resize_in_graph)
     python_pre = Preprocessor(manifest.input, manifest.preprocess)
-    prefix_session = _session(prefix or prefix_only(manifest, resize_in_graph=resize_in_graph))
+    prefix_session = _session(prefix or prefix_only(manifest, resize_in_graph=resize_in_graph,
+                                                    cast_first=cast_first))
     gain, _ = gain_bias(manifest)
     tolerance = (GRAPH_RESIZE_LEVELS * float(np.abs(gain).max()) + HOST_RESIZE_ATOL
                  if resize_in_graph else HOST_RESIZE_ATOL * max(1.0, float(np.abs(gain).max())

@@ -36,9 +36,13 @@ def gain_bias(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     return gain, bias
 
 
-def build_prefix(w: GraphWriter, manifest: Manifest, *, resize_in_graph: bool) -> list:
+def build_prefix(w: GraphWriter, manifest: Manifest, *, resize_in_graph: bool,
+                 cast_first: bool = False) -> list:
     """Append the preprocessing nodes to `w`; their last output is the model's input name.
-    Returns the new graph inputs (value infos)."""
+    Returns the new graph inputs (value infos). `cast_first`: convert to float before any
+    other operator (native TensorRT runs few layers on uint8); otherwise the transpose
+    and channel gather move uint8, a quarter of the bytes."""
+    cast_first = cast_first or resize_in_graph
     nchw = manifest.input.layout == "NCHW"
     channel_axis = 1 if nchw else 3
     inputs = [helper.make_tensor_value_info(FRAME, TensorProto.UINT8,
@@ -46,8 +50,7 @@ def build_prefix(w: GraphWriter, manifest: Manifest, *, resize_in_graph: bool) -
               helper.make_tensor_value_info(CHANNELS, TensorProto.INT64,
                                             [model_channels(manifest)])]
     x = FRAME
-    if resize_in_graph:
-        # float first: TensorRT runs few layers on uint8, and Resize interpolates in float.
+    if cast_first:  # Resize interpolates in float, too
         x = w.op("Cast", x, to=TensorProto.FLOAT)
     if nchw:  # still uint8 on the host-resize flavour: a quarter of the bytes to move
         x = w.op("Transpose", x, perm=[0, 3, 1, 2])
@@ -60,7 +63,7 @@ def build_prefix(w: GraphWriter, manifest: Manifest, *, resize_in_graph: bool) -
                  coordinate_transformation_mode="half_pixel")
         pad_value = w.const(float(manifest.preprocess.pad_value), hint="pad_value")
         x = w.op("Pad", x, PADS, pad_value, mode="constant")
-    else:
+    elif not cast_first:
         x = w.op("Cast", x, to=TensorProto.FLOAT)
     gain, bias = gain_bias(manifest)
     shape = (1, -1, 1, 1) if nchw else (1, 1, 1, -1)

@@ -99,15 +99,18 @@ def test_fused_centerface_finds_the_same_face_as_the_python_path(centerface_bund
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("resize", ["letterbox", "stretch"])
-@pytest.mark.parametrize("resize_in_graph", [False, True], ids=["host-resize", "graph-resize"])
+@pytest.mark.parametrize("resize_in_graph,cast_first", [(False, False), (False, True),
+                                                        (True, True)],
+                         ids=["host-resize", "host-resize-cast-first", "graph-resize"])
 def test_raw_model_fused_preprocessing_matches_python(tmp_path, layout, resize,
-                                                      resize_in_graph):
+                                                      resize_in_graph, cast_first):
     model = conv_relu_model(height=64, width=96, layout=layout)
     bundle = _bundle(tmp_path / "b", model, layout=layout,
                      preprocess=Preprocess(color="rgb", scale=1 / 255, mean=(0.485, 0.456, 0.406),
                                            std=(0.229, 0.224, 0.225), resize=resize,
                                            pad_value=100))
-    _, spec = fused_bundle(bundle, resize_in_graph=resize_in_graph, root=tmp_path / "fused")
+    fused, spec = fused_bundle(bundle, resize_in_graph=resize_in_graph, cast_first=cast_first,
+                               root=tmp_path / "fused")
     assert not spec.decodes
     assert spec.report.preprocess_max_error <= spec.report.preprocess_tolerance
 
@@ -240,3 +243,16 @@ def test_prefix_builder_emits_only_what_the_manifest_needs():
     w = GraphWriter("pre")
     build_prefix(w, identity, resize_in_graph=False)
     assert [n.op_type for n in w.nodes] == ["Transpose", "Gather", "Cast", "Identity"]
+
+
+def test_a_tensorrt_profile_for_a_fused_bundle_names_the_uint8_frame(centerface_bundle, tmp_path):
+    from runtime.models.engine_cache import derive_profile
+
+    fused, spec = fused_bundle(centerface_bundle, resize_in_graph=False, decode=False,
+                               cast_first=True, root=tmp_path)
+    assert not spec.decodes  # native TensorRT: Python decoding (no output allocator for NMS)
+    ((name, lo, opt, hi),) = derive_profile(fused.manifest, (640, 480), max_batch=2)
+    assert (name, lo, opt, hi) == ("sightline_frame", (1, 32, 32, 1), (1, 480, 640, 3),
+                                   (2, 1088, 1920, 3))
+    first = onnx.load(str(fused.onnx_path)).graph.node[0]
+    assert first.op_type == "Cast"  # before any layer TensorRT would have to run on uint8
