@@ -12,7 +12,6 @@ import numpy as np
 from runtime.models.bundle import Manifest
 from runtime.models.preprocess import FrameTransform
 from runtime.results import Detection, TaskResult
-from runtime.tasks.boxes import boxes_to_source
 
 # Output names of the fused graph; runtime/fusion/suffix.py defines the same.
 BOXES, SCORES, CLASSES, BATCH, LANDMARKS = (
@@ -37,21 +36,33 @@ class KeptBoxesDecoder:
             return TaskResult()
         # best first; stable, so equal scores keep the engine's order
         order = np.argsort(-scores, kind="stable")[:self._top_k]
-        src_boxes = boxes_to_source(outputs[BOXES][order].astype(np.float64), transform)
-        classes = outputs[CLASSES][order]
+        boxes = outputs[BOXES][order].astype(np.float64)
+        count = len(order)
+        # every point of the frame (box corners, then landmarks) mapped in one call
+        xs, ys = [boxes[:, 0], boxes[:, 2]], [boxes[:, 1], boxes[:, 3]]
         if self._face:
             marks = outputs[LANDMARKS][order].astype(np.float64)
-            xs, ys = transform.to_source(marks[..., 0], marks[..., 1])
+            xs.append(marks[..., 0].reshape(-1))
+            ys.append(marks[..., 1].reshape(-1))
+        sx, sy = transform.to_source(np.concatenate(xs), np.concatenate(ys))
+        sx, sy = sx.tolist(), sy.tolist()
+        picked = scores[order].tolist()
+        if self._face:
+            points = len(sx) // count - 2 if count else 0
             label = self._labels[0] if self._labels else "face"
             return TaskResult(detections=tuple(
-                Detection(box=tuple(float(v) for v in src_boxes[i]), score=float(scores[k]),
+                Detection(box=(sx[i], sy[i], sx[count + i], sy[count + i]), score=picked[i],
                           label=label,
-                          landmarks=tuple(zip(xs[i].tolist(), ys[i].tolist(), strict=True)))
-                for i, k in enumerate(order)))
+                          landmarks=tuple(zip(sx[2 * count + i * points:
+                                                 2 * count + (i + 1) * points],
+                                              sy[2 * count + i * points:
+                                                 2 * count + (i + 1) * points], strict=True)))
+                for i in range(count)))
+        classes = outputs[CLASSES][order].tolist()
         return TaskResult(detections=tuple(
-            Detection(box=tuple(float(v) for v in src_boxes[i]), score=float(scores[k]),
-                      label=self._label(int(classes[i])), class_id=int(classes[i]))
-            for i, k in enumerate(order)))
+            Detection(box=(sx[i], sy[i], sx[count + i], sy[count + i]), score=picked[i],
+                      label=self._label(classes[i]), class_id=classes[i])
+            for i in range(count)))
 
     def _label(self, class_id: int) -> str:
         return self._labels[class_id] if class_id < len(self._labels) else f"class{class_id}"
