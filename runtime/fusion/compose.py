@@ -7,12 +7,13 @@ version converter cannot lift is served with the Python steps instead.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from runtime.errors import SightlineError
 from runtime.fusion.graph import GraphWriter
-from runtime.fusion.prefix import build_prefix
+from runtime.fusion.prefix import build_prefix, gain_bias
 from runtime.fusion.suffix import SUFFIXES
 from runtime.models.bundle import Manifest
 
@@ -57,9 +58,11 @@ def compose(model: onnx.ModelProto, manifest: Manifest, *, resize_in_graph: bool
     original = _value_info(model, manifest.input.name)
     if original.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise FusionUnavailable("the model input is not float32")
+    affine = fold_affine(model, manifest)
+    graph = model.graph
     w = GraphWriter("pre")
     new_inputs = build_prefix(w, manifest, resize_in_graph=resize_in_graph,
-                              cast_first=cast_first)
+                              cast_first=cast_first, affine=affine)
     nodes = list(w.nodes) + list(graph.node)
     initializers = list(w.initializers) + list(graph.initializer)
     outputs = list(graph.output)
@@ -80,6 +83,60 @@ def compose(model: onnx.ModelProto, manifest: Manifest, *, resize_in_graph: bool
     for entry in model.metadata_props:
         fused.metadata_props.append(entry)
     return fused
+
+
+def fold_affine(model: onnx.ModelProto, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the per-channel pixel gain (scale/std) into the first convolutions' weights, and
+    the bias (-mean/std) too where they do not pad (a padded border would see the bias as
+    zero), when the model input feeds only such Convs. Edits `model` in place; returns the
+    (gain, bias) still to apply in the prefix. Saves a float pass over the frame."""
+    gain, bias = gain_bias(manifest)
+    if (manifest.input.layout != "NCHW" or np.any(gain == 0.0)
+            or (np.all(gain == 1.0) and np.all(bias == 0.0))):
+        return gain, bias
+    graph = model.graph
+    name = manifest.input.name
+    consumers = [n for n in graph.node if name in n.input]
+    weights = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            uses[tensor] = uses.get(tensor, 0) + 1
+    def foldable(node) -> bool:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        w = weights.get(node.input[1]) if len(node.input) > 1 else None
+        return (node.op_type == "Conv" and node.input[0] == name and attrs.get("group", 1) == 1
+                and w is not None and w.data_type == onnx.TensorProto.FLOAT
+                and uses.get(node.input[1]) == 1
+                and (len(node.input) < 3 or not node.input[2]
+                     or (node.input[2] in weights and uses.get(node.input[2]) == 1)))
+    if not consumers or not all(foldable(n) for n in consumers):
+        return gain, bias
+    def unpadded(node) -> bool:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        auto = attrs.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        return auto == "VALID" or (auto == "NOTSET" and not any(attrs.get("pads", [])))
+    fold_bias = not np.all(bias == 0.0) and all(unpadded(n) for n in consumers)
+    for node in consumers:
+        w_init = weights[node.input[1]]
+        w = numpy_helper.to_array(w_init).astype(np.float32)
+        if fold_bias:  # conv(g*x + b) = conv'(x) + sum over the kernel of W * b
+            shift = (w * bias.reshape(1, -1, *([1] * (w.ndim - 2)))).reshape(len(w), -1).sum(1)
+            if len(node.input) > 2 and node.input[2]:
+                b_init = weights[node.input[2]]
+                b = numpy_helper.to_array(b_init).astype(np.float32) + shift
+                b_init.CopyFrom(numpy_helper.from_array(b.astype(np.float32), b_init.name))
+            else:
+                b_name = f"{node.input[1]}_sightline_bias"
+                graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32),
+                                                                 b_name))
+                while len(node.input) < 3:
+                    node.input.append("")
+                node.input[2] = b_name
+        scaled = w * gain.reshape(1, -1, *([1] * (w.ndim - 2)))
+        w_init.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), w_init.name))
+    return np.ones_like(gain), (np.zeros_like(bias) if fold_bias else bias / gain)
 
 
 def prefix_only(manifest: Manifest, *, resize_in_graph: bool,

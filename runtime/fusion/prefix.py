@@ -37,11 +37,13 @@ def gain_bias(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_prefix(w: GraphWriter, manifest: Manifest, *, resize_in_graph: bool,
-                 cast_first: bool = False) -> list:
+                 cast_first: bool = False,
+                 affine: tuple[np.ndarray, np.ndarray] | None = None) -> list:
     """Append the preprocessing nodes to `w`; their last output is the model's input name.
     Returns the new graph inputs (value infos). `cast_first`: convert to float before any
     other operator (native TensorRT runs few layers on uint8); otherwise the transpose
-    and channel gather move uint8, a quarter of the bytes."""
+    and channel gather move uint8, a quarter of the bytes. `affine`: the (gain, bias) left
+    to apply here (default: the manifest's; compose folds what it can into the model)."""
     cast_first = cast_first or resize_in_graph
     nchw = manifest.input.layout == "NCHW"
     channel_axis = 1 if nchw else 3
@@ -65,7 +67,7 @@ def build_prefix(w: GraphWriter, manifest: Manifest, *, resize_in_graph: bool,
         x = w.op("Pad", x, PADS, pad_value, mode="constant")
     elif not cast_first:
         x = w.op("Cast", x, to=TensorProto.FLOAT)
-    gain, bias = gain_bias(manifest)
+    gain, bias = affine if affine is not None else gain_bias(manifest)
     shape = (1, -1, 1, 1) if nchw else (1, 1, 1, -1)
     steps = []
     if not np.all(gain == 1.0):

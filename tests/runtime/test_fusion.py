@@ -256,3 +256,40 @@ def test_a_tensorrt_profile_for_a_fused_bundle_names_the_uint8_frame(centerface_
                                    (2, 1088, 1920, 3))
     first = onnx.load(str(fused.onnx_path)).graph.node[0]
     assert first.op_type == "Cast"  # before any layer TensorRT would have to run on uint8
+
+
+def _pointwise_conv_model(pads: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    kernel = 1 if pads == 0 else 3
+    weight = rng.uniform(-1, 1, (4, 3, kernel, kernel)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "W", "B"], ["features"], pads=[pads] * 4)],
+        "conv", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 96])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 4, 64, 96])],
+        initializer=[numpy_helper.from_array(weight, "W"),
+                     numpy_helper.from_array(np.full(4, 0.25, np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("pads,left", [(0, []), (1, ["Add"])],
+                         ids=["unpadded-folds-gain-and-bias", "padded-folds-gain-only"])
+def test_normalisation_folds_into_the_first_convolution(tmp_path, pads, left):
+    bundle = _bundle(tmp_path / "b", _pointwise_conv_model(pads),
+                     preprocess=Preprocess(color="rgb", scale=1 / 255, mean=(0.485, 0.456, 0.406),
+                                           std=(0.229, 0.224, 0.225)))
+    fused, spec = fused_bundle(bundle, resize_in_graph=False, root=tmp_path / "fused")
+    prefix_ops = [n.op_type for n in onnx.load(str(fused.onnx_path)).graph.node
+                  if n.name.startswith("sightline_pre")]
+    assert [op for op in prefix_ops if op in ("Mul", "Add")] == left
+    # the composition check compared the folded model with the model on the Python tensor
+    python = LoadedModel.of(bundle, open_serving_engine(bundle, EngineSettings(fused="off")))
+    served = LoadedModel.of(bundle, open_serving_engine(bundle, EngineSettings()))
+    frame = cv2.GaussianBlur(np.random.default_rng(2).integers(0, 256, (64, 96, 3), np.uint8),
+                             (0, 0), 1)
+    want = python.engine.infer(python.frames.feeds(frame, "bgr")[0])["features"]
+    got = served.engine.infer(served.frames.feeds(frame, "bgr")[0])["features"]
+    np.testing.assert_allclose(got, want, atol=1e-4)
