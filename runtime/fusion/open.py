@@ -4,8 +4,9 @@ The fused model is written as a bundle of its own under the cache (`fused/`), na
 digest of everything it depends on (the model's bytes, the manifest's preprocessing,
 thresholds and outputs, the flavour, the fusion code's version), so a TensorRT engine built
 from it is keyed by that too. It is checked against the Python reference every time it is
-opened (runtime/fusion/parity.py); a bundle that cannot be fused, or whose fused graph
-disagrees, is served with the Python steps and the log says why.
+built, and again at every OTA validation (runtime/fusion/parity.py); a bundle that cannot
+be fused, or whose fused graph disagrees, is served with the Python steps and the log says
+why.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -106,34 +107,54 @@ def fusion_digest(bundle: Bundle, resize_in_graph: bool, decode: bool,
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:20]
 
 
+PARITY_FILE = "parity.json"  # the check's figures, written once it passed
+
+
 def fused_bundle(bundle: Bundle, *, resize_in_graph: bool, decode: bool = True,
-                 cast_first: bool = False, root: Path | None = None,
+                 cast_first: bool = False, root: Path | None = None, recheck: bool = True,
                  prefix: onnx.ModelProto | None = None) -> tuple[Bundle, FusionSpec]:
-    """The checked fused bundle for `bundle` (built once, then read from the cache).
-    `decode`: append the box decoding where the task has one."""
+    """The checked fused bundle for `bundle`: built and checked once, then read from the
+    cache. `decode`: append the box decoding where the task has one. `recheck`: check a
+    cached one again too (OTA validation does; a daemon restart trusts what passed)."""
     decodes = decode and bundle.manifest.task in SUFFIXES
     digest = fusion_digest(bundle, resize_in_graph, decodes, cast_first)
     options = {"resize_in_graph": resize_in_graph, "decode": decodes, "cast_first": cast_first}
     directory = (root or cache_dir() / "fused") / f"{bundle.name}-{digest}"
-    fused: Bundle | None = None
-    if directory.is_dir():
-        try:
-            fused = Bundle.load(directory)
-        except BundleError:
-            fused = None  # damaged: rebuilt below
-    if fused is None:
-        model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest, **options)
-        data = model.SerializeToString()
-        source = {**bundle.manifest.source, "fused_from": bundle.manifest.onnx.sha256,
-                  "fusion": digest, "fusion_resize": "graph" if resize_in_graph else "host"}
-        manifest = bundle.manifest.model_copy(update={
-            "onnx": OnnxFile(sha256=hashlib.sha256(data).hexdigest()), "source": source,
-            "sample": None})
-        check = check_fusion(bundle, model, prefix=prefix, **options)
-        fused = write_bundle(directory, manifest, data)
-        return fused, FusionSpec(resize_in_graph, decodes, digest, check)
-    check = check_fusion(bundle, onnx.load(str(fused.onnx_path)), prefix=prefix, **options)
-    return fused, FusionSpec(resize_in_graph, decodes, digest, check)
+    fused = _cached(directory)
+    if fused is not None:
+        report = _passed(directory) if not recheck else None
+        if report is None:
+            report = check_fusion(bundle, onnx.load(str(fused.onnx_path)), prefix=prefix,
+                                  **options)
+        return fused, FusionSpec(resize_in_graph, decodes, digest, report)
+    model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest, **options)
+    data = model.SerializeToString()
+    source = {**bundle.manifest.source, "fused_from": bundle.manifest.onnx.sha256,
+              "fusion": digest, "fusion_resize": "graph" if resize_in_graph else "host"}
+    manifest = bundle.manifest.model_copy(update={
+        "onnx": OnnxFile(sha256=hashlib.sha256(data).hexdigest()), "source": source,
+        "sample": None})
+    report = check_fusion(bundle, model, prefix=prefix, **options)  # before it is cached
+    fused = write_bundle(directory, manifest, data)
+    (directory / PARITY_FILE).write_text(json.dumps(asdict(report)))
+    return fused, FusionSpec(resize_in_graph, decodes, digest, report)
+
+
+def _cached(directory: Path) -> Bundle | None:
+    if not directory.is_dir():
+        return None
+    try:
+        return Bundle.load(directory)  # verifies the ONNX file's sha256
+    except BundleError:
+        return None  # damaged: rebuilt
+
+
+def _passed(directory: Path) -> ParityReport | None:
+    """The report of the check a cached fused bundle passed, or None to check again."""
+    try:
+        return ParityReport(**json.loads((directory / PARITY_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def open_serving_engine(bundle: Bundle, settings: EngineSettings,
@@ -149,7 +170,7 @@ def open_serving_engine(bundle: Bundle, settings: EngineSettings,
     resize_in_graph, decode, cast_first = flavour_for(settings)
     try:
         fused, spec = fuse(bundle, resize_in_graph=resize_in_graph, decode=decode,
-                           cast_first=cast_first)
+                           cast_first=cast_first, recheck=strict)
     except FusionUnavailable as exc:
         log.info("%s: preprocessing%s run in Python (%s)", bundle.name,
                  " and decoding" if bundle.manifest.task in SUFFIXES else "", exc)

@@ -201,6 +201,13 @@ def test_the_fused_model_is_cached_under_a_key_that_covers_the_recipe(centerface
     _, other = fused_bundle(stricter, resize_in_graph=False, root=tmp_path)
     assert len({a.digest, graph.digest, other.digest}) == 3
     assert first.manifest.source["fused_from"] == centerface_bundle.manifest.onnx.sha256
+    # a restart trusts what passed; an OTA validation (recheck) checks the cached one again
+    bad = _prefix_with_the_wrong_scale(centerface_bundle.manifest)
+    _, trusted = fused_bundle(centerface_bundle, resize_in_graph=False, root=tmp_path,
+                              recheck=False, prefix=bad)
+    assert trusted.report == a.report
+    with pytest.raises(FusionMismatch):
+        fused_bundle(centerface_bundle, resize_in_graph=False, root=tmp_path, prefix=bad)
     # a damaged cache entry is rebuilt, not served
     (first.directory / first.manifest.onnx.file).write_bytes(b"garbage")
     rebuilt, _ = fused_bundle(centerface_bundle, resize_in_graph=False, root=tmp_path)
