@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync.commands import RollbackCommand
+from cloud_sync.commands import TERMINAL, RollbackCommand
 from cloud_sync.ota import OtaSettings, Updater
 from cloud_sync.probation import Probation
 from cloud_sync.push import make_update, package_bundle
@@ -267,11 +267,152 @@ def test_a_pipeline_shutting_down_during_probation_keeps_the_update_and_resumes_
     assert store.state(MODEL).probation is None and store.state(MODEL).active == "2.0"
 
 
-def test_an_update_for_another_device_or_group_is_ignored(setup):
+def test_an_update_for_another_device_or_group_is_rejected_as_misaddressed(setup):
     updater, host, store, reports, archive, key = setup
-    _send(updater, key, make_update(archive, devices=["d2"], groups=["other"]))
-    time.sleep(0.5)
-    assert reports == [] and host.swaps == []
+    command = make_update(archive, devices=["d2"], groups=["other"])
+    _send(updater, key, command)
+    refused = _wait(reports, "rejected")
+    assert refused["check"] == "address" and "update_id" not in refused
+    assert refused["misaddressed"] == {"type": "update", "update_id": command.update_id,
+                                       "model": MODEL, "version": "2.0", "devices": ["d2"],
+                                       "groups": ["other"]}
+    assert "this device is d1 in groups ['lab']" in refused["detail"]
+    assert updater.last is None, "not this device's outcome"
+    _send(updater, key, command.model_copy(update={"devices": ("d1",)}))  # same id, for us
+    assert _wait(reports, "confirmed")["update_id"] == command.update_id
+    assert host.swaps == ["2.0"]
+
+
+def test_a_command_over_max_command_bytes_is_rejected_unread(setup):
+    updater, host, store, reports, archive, key = setup
+    updater.settings = OtaSettings(max_command_bytes=4096)
+    envelope = json.dumps(sign(make_update(archive, devices=["d1"]).model_dump(mode="json")
+                               | {"pad": "x" * 5000}, key)).encode()
+    updater.handle_command(envelope)
+    refused = _wait(reports, "rejected")
+    assert refused["check"] == "oversize" and "unverified" not in refused
+    assert refused["command_sha256"] == hashlib.sha256(envelope).hexdigest()
+    assert f"the command is {len(envelope)} bytes, more than ota.max_command_bytes (4096)" \
+        in refused["detail"]
+
+
+class BlockingDelivery(FileDelivery):
+    """Holds every download until `release` is set (or the updater stops)."""
+
+    def __init__(self, archive: Path) -> None:
+        super().__init__(archive)
+        self.release = threading.Event()
+
+    def fetch(self, command, dest: Path, progress, stop: threading.Event) -> None:
+        while not self.release.wait(0.05):
+            if stop.is_set():
+                from runtime.errors import UpdateRejected
+                raise UpdateRejected("stopping", step="download")
+        super().fetch(command, dest, progress, stop)
+
+
+def _wait_ended(reports, update_ids: list[str], timeout: float = 20.0) -> dict[str, dict]:
+    """update id -> its terminal report, in the order they ended, once all have ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = {r["update_id"]: r for r in list(reports)
+                 if r["state"] in TERMINAL and r.get("update_id") in update_ids}
+        if len(ended) == len(update_ids):
+            return ended
+        assert time.monotonic() < deadline, [(r.get("update_id"), r["state"]) for r in reports]
+        time.sleep(0.05)
+
+
+def _blocked_updater(store, host, trusted, archive, reports, **settings) -> Updater:
+    updater = Updater(store, host, trusted, device_id="d1", groups=("lab",),
+                      report=reports.append, deliveries={"mqtt": BlockingDelivery(archive)},
+                      settings=OtaSettings(probation_s=0.2, **settings))
+    updater.start()
+    return updater
+
+
+def test_a_full_queue_refuses_with_queue_and_does_not_remember_the_id(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    updater.stop()
+    reports.clear()
+    blocked = _blocked_updater(store, host, updater._trusted, archive, reports,
+                               max_queued_commands=2)
+    try:
+        _send(blocked, key, make_update(archive, devices=["d1"]))  # runs, held in download
+        _wait(reports, "downloading")
+        same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
+                              _dir(tmp_path / "x"))
+        queued = [make_update(same, devices=["d1"]) for _ in range(3)]
+        for command in queued:
+            _send(blocked, key, command)
+        refused = _wait(reports, "rejected")
+        assert refused["check"] == "queue" and refused["update_id"] == queued[2].update_id
+        assert "2 commands are queued already (ota.max_queued_commands)" in refused["detail"]
+        assert queued[2].update_id not in blocked._replay
+        blocked._deliveries["mqtt"].release.set()
+        _wait(reports, "confirmed")
+        ended = _wait_ended(reports, [c.update_id for c in queued[:2]])
+        reports.clear()
+        _send(blocked, key, queued[2])  # the refused command, again: accepted now
+        ended |= _wait_ended(reports, [queued[2].update_id])
+        # 2.0 serves by then: each is a downgrade, refused when its turn comes
+        assert {ended[c.update_id]["check"] for c in queued} == {"downgrade"}
+    finally:
+        blocked.stop()
+    assert not list((store.root.parent / "ota" / "queue").glob("*.json"))
+
+
+def test_commands_queued_at_a_stop_run_after_the_restart(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    updater.stop()
+    reports.clear()
+    blocked = _blocked_updater(store, host, updater._trusted, archive, reports)
+    update = make_update(archive, devices=["d1"])
+    _send(blocked, key, update)
+    _wait(reports, "downloading")
+    same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
+                          _dir(tmp_path / "x"))
+    queued = [make_update(same, devices=["d1"]) for _ in range(3)]
+    for command in queued:
+        _send(blocked, key, command)
+    blocked.stop()  # the download pauses; three commands wait
+    assert len(list((store.root.parent / "ota" / "queue").glob("*.json"))) == 3
+    again: list[dict] = []
+    restarted = _blocked_updater(store, host, updater._trusted, archive, again)
+    restarted._deliveries["mqtt"].release.set()
+    try:
+        ended = _wait_ended(again, [update.update_id] + [c.update_id for c in queued])
+    finally:
+        restarted.stop()
+    started = list(dict.fromkeys(r.get("update_id") for r in again))
+    assert started == [update.update_id] + [c.update_id for c in queued], "in order"
+    assert ended[update.update_id]["state"] == "confirmed"
+    for command in queued:  # still remembered: a replay stays a replay
+        assert command.update_id in restarted._replay
+
+
+def test_a_rollback_the_daemon_died_in_is_reported_not_applied_twice(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    _send(updater, key, make_update(archive, devices=["d1"]))
+    _wait(reports, "confirmed")
+    updater.stop()
+    rollback = RollbackCommand(command_id="rb-9", model=MODEL, devices=("d1",))
+    store.rollback(MODEL, reason="rolled back by command rb-9")  # then kill -9, as it were
+    queue_dir = store.root.parent / "ota" / "queue"
+    queue_dir.mkdir(parents=True, exist_ok=True)
+    (queue_dir / "000000007.json").write_text(json.dumps(
+        {"command": rollback.model_dump(mode="json")}))
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings())
+    restarted.start()
+    try:
+        done = _wait(again, "rolled_back")
+    finally:
+        restarted.stop()
+    assert "before the restart" in done["detail"] and done["version"] == "1.0"
+    assert store.state(MODEL).active == "1.0" and host.bundle.version == "1.0"
+    assert not list(queue_dir.glob("*.json"))
 
 
 def test_the_version_already_serving_is_reported_current(setup, tmp_path):
