@@ -374,8 +374,8 @@ class Updater:
             previous, target = self._store.rollback(
                 command.model, command.to_version,
                 reason=f"rolled back by command {command.command_id}")
-        except SightlineError as exc:
-            self._report(command, OtaState.FAILED, detail=str(exc))
+        except SightlineError as exc:  # "rollback: ", as an update's detail names its step
+            self._report(command, OtaState.FAILED, detail=f"rollback: {exc}")
             return
         self._serve_active(command.model)
         detail = f"rolled back from {previous} to {target} by command {command.command_id}"

@@ -434,8 +434,25 @@ def test_a_model_this_daemon_does_not_serve_is_rejected(setup, tmp_path):
 def test_rollback_with_nothing_earlier_fails_and_says_so(setup):
     updater, host, store, reports, archive, key = setup
     _send(updater, key, RollbackCommand(command_id="rb", model=MODEL, devices=("d1",)))
-    assert "no earlier good version" in _wait(reports, "failed")["detail"]
+    assert _wait(reports, "failed")["detail"] == (
+        "rollback: tiny@1.0 has no earlier good version to roll back to")
     assert host.swaps == []
+
+
+def test_push_ships_a_sample_of_model_tensors_under_input_and_output_keys(tmp_path):
+    import io
+    import tarfile
+
+    import numpy as np
+
+    archive = package_bundle(tiny_bundle(tmp_path / "b", "1.0").directory, _dir(tmp_path))
+    with tarfile.open(archive) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        sample = np.load(io.BytesIO(tar.extractfile(manifest["sample"]).read()))
+        # docs/mqtt.md §9.1: preprocessed model inputs and reference outputs, not frames
+        assert {k: (str(sample[k].dtype), sample[k].shape) for k in sample.files} == {
+            "input:image": ("float32", (1, 3, 64, 64)),
+            "output:features": ("float32", (1, 4, 64, 64))}
 
 
 def test_a_crash_between_confirm_and_the_journal_removal_reports_confirmed(setup):
