@@ -331,6 +331,20 @@ def _blocked_updater(store, host, trusted, archive, reports, **settings) -> Upda
     return updater
 
 
+def _hold_one_and_queue_three(updater, key, archive, reports, tmp_path) -> tuple:
+    """Send an update the blocked delivery holds in its download, then three more (updates
+    to the version serving: they end at once when their turn comes)."""
+    running = make_update(archive, devices=["d1"])
+    _send(updater, key, running)
+    _wait(reports, "downloading")
+    same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
+                          _dir(tmp_path / "x"))
+    queued = [make_update(same, devices=["d1"]) for _ in range(3)]
+    for command in queued:
+        _send(updater, key, command)
+    return running, queued
+
+
 def test_a_full_queue_refuses_with_queue_and_does_not_remember_the_id(setup, tmp_path):
     updater, host, store, reports, archive, key = setup
     updater.stop()
@@ -338,13 +352,7 @@ def test_a_full_queue_refuses_with_queue_and_does_not_remember_the_id(setup, tmp
     blocked = _blocked_updater(store, host, updater._trusted, archive, reports,
                                max_queued_commands=2)
     try:
-        _send(blocked, key, make_update(archive, devices=["d1"]))  # runs, held in download
-        _wait(reports, "downloading")
-        same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
-                              _dir(tmp_path / "x"))
-        queued = [make_update(same, devices=["d1"]) for _ in range(3)]
-        for command in queued:
-            _send(blocked, key, command)
+        _, queued = _hold_one_and_queue_three(blocked, key, archive, reports, tmp_path)
         refused = _wait(reports, "rejected")
         assert refused["check"] == "queue" and refused["update_id"] == queued[2].update_id
         assert "2 commands are queued already (ota.max_queued_commands)" in refused["detail"]
@@ -367,14 +375,7 @@ def test_commands_queued_at_a_stop_run_after_the_restart(setup, tmp_path):
     updater.stop()
     reports.clear()
     blocked = _blocked_updater(store, host, updater._trusted, archive, reports)
-    update = make_update(archive, devices=["d1"])
-    _send(blocked, key, update)
-    _wait(reports, "downloading")
-    same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
-                          _dir(tmp_path / "x"))
-    queued = [make_update(same, devices=["d1"]) for _ in range(3)]
-    for command in queued:
-        _send(blocked, key, command)
+    update, queued = _hold_one_and_queue_three(blocked, key, archive, reports, tmp_path)
     blocked.stop()  # the download pauses; three commands wait
     assert len(list((store.root.parent / "ota" / "queue").glob("*.json"))) == 3
     again: list[dict] = []
