@@ -41,10 +41,13 @@ class CommandQueue:
         self._cond = threading.Condition()
         self._waiting: deque[Queued] = deque()
         self._next = 1
+        # Read now, not at the updater's start: the link may hand over a command before
+        # that, and its file must neither reuse a number nor be read twice.
+        self.recovered: tuple[Queued, ...] = tuple(self._load())
+        self._waiting.extend(self.recovered)
 
-    def load(self) -> list[Queued]:
-        """Read what the last run accepted and did not finish, in acceptance order, and
-        queue it (a restart calls this once, before taking new commands)."""
+    def _load(self) -> list[Queued]:
+        """What the last run accepted and did not finish, in acceptance order."""
         entries = []
         for path in sorted(self._dir.glob("*.json")) if self._dir.is_dir() else ():
             try:
@@ -57,9 +60,6 @@ class CommandQueue:
                 path.replace(aside)
                 log.error("queued OTA command %s cannot be read (%s); kept as %s", path.name,
                           exc, aside.name)
-        with self._cond:
-            self._waiting.extend(entries)
-            self._cond.notify_all()
         return entries
 
     def put(self, command: UpdateCommand | RollbackCommand) -> Queued:

@@ -505,7 +505,7 @@ class Updater:
     def _load_queue(self, journalled: UpdateCommand | RollbackCommand | None) -> None:
         """Queue the commands accepted before the restart that had not ended. The update
         journal, when there is one, owns its command (resumed or reported from there)."""
-        entries = self._queue.load()
+        entries = self._queue.recovered
         if journalled is not None:
             self._queue.drop({command_id(journalled)})
         for entry in entries:

@@ -392,6 +392,32 @@ def test_commands_queued_at_a_stop_run_after_the_restart(setup, tmp_path):
         assert command.update_id in restarted._replay
 
 
+def test_a_command_arriving_before_the_start_keeps_the_one_left_by_the_last_run(
+        setup, tmp_path):
+    # The link starts before the updater, so a command can be journaled before start().
+    updater, host, store, reports, archive, key = setup
+    updater.stop()
+    same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
+                          _dir(tmp_path / "x"))
+    left, early = make_update(same, devices=["d1"]), make_update(same, devices=["d1"])
+    queue_dir = store.root.parent / "ota" / "queue"
+    queue_dir.mkdir(parents=True, exist_ok=True)
+    (queue_dir / "000000001.json").write_text(json.dumps(
+        {"command": left.model_dump(mode="json")}))
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings())
+    _send(restarted, key, early)
+    assert len(list(queue_dir.glob("*.json"))) == 2
+    restarted.start()
+    try:
+        ended = _wait_ended(again, [left.update_id, early.update_id])
+    finally:
+        restarted.stop()
+    assert {d["state"] for d in ended.values()} == {"current"}
+    assert [r["update_id"] for r in again] == [left.update_id, early.update_id]
+
+
 def test_a_rollback_the_daemon_died_in_is_reported_not_applied_twice(setup, tmp_path):
     updater, host, store, reports, archive, key = setup
     _send(updater, key, make_update(archive, devices=["d1"]))
