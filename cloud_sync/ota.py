@@ -63,7 +63,7 @@ class Host(Protocol):
 
     def open_engine(self, bundle: Bundle) -> Engine: ...
 
-    def fuse(self, bundle: Bundle, engine: Engine) -> Engine: ...
+    def fuse(self, bundle: Bundle, engine: Engine, *, strict: bool = True) -> Engine: ...
 
     def warm_up(self, bundle: Bundle, engine: Engine) -> None: ...
 
@@ -401,7 +401,8 @@ class Updater:
     def _serve_active(self, model: str) -> None:
         """Load the store's active version and swap it in (after a rollback)."""
         bundle = self._store.active_bundle(model)
-        engine = self._host.open_engine(bundle)
+        # not strict: a version going back into service is served, fused or not
+        engine = self._host.fuse(bundle, self._host.open_engine(bundle), strict=False)
         self._host.warm_up(bundle, engine)
         self._host.swap(bundle, engine)
 

@@ -34,15 +34,16 @@ class ServerModelHost:
     def open_engine(self, bundle: Bundle) -> Engine:
         return open_bundle_engine(bundle, self.engine_settings, self._server.engine_builder)
 
-    def fuse(self, bundle: Bundle, engine: Engine) -> Engine:
+    def fuse(self, bundle: Bundle, engine: Engine, *, strict: bool = True) -> Engine:
         """After validation, the engine to serve with: the fused one where the bundle's steps
-        fuse (closing `engine`), else `engine`. A fused graph that disagrees with the Python
-        reference refuses the update: it is caught here, before it serves."""
+        fuse (closing `engine`), else `engine`. `strict` (an update): a fused graph that
+        disagrees with the Python reference refuses the update, before it serves; not
+        strict (a rollback): the Python steps serve instead."""
         if self.engine_settings.fused == "off":
             return engine
         try:
             served = open_serving_engine(bundle, self.engine_settings,
-                                         self._server.engine_builder, strict=True)
+                                         self._server.engine_builder, strict=strict)
         except FusionMismatch as exc:
             engine.close()
             raise UpdateRejected(f"{exc}", step="validate") from None
