@@ -135,7 +135,9 @@ def _start_servers(tmp: Path, bundle: Bundle, config_path: Path | None, config,
     if FLOOR_SCRIPT.is_file():
         links["floor"] = (f"ipc://{tmp}/floor.sock", {})
         launched["floor"] = (_launch_floor(links["floor"][0], bundle,
-                                           config.engine.intra_op_threads), "reference floor")
+                                           config.engine.intra_op_threads,
+                                           _log(tmp, "floor")),
+                             "reference floor")
     for link, keys in (("plain", {}), ("curve", curve_keys)):
         for fused in options.fused:
             name = f"{link}, fused {fused}"
@@ -143,11 +145,12 @@ def _start_servers(tmp: Path, bundle: Bundle, config_path: Path | None, config,
             links[name] = (endpoint, keys)
             daemon_config = _config_with_fused(tmp, config_path, fused)
             launched[name] = (_launch_daemon(endpoint, bundle.directory, daemon_config,
-                                             keys_dir if keys else None), f"{name} daemon")
+                                             keys_dir if keys else None,
+                                             _log(tmp, name)), f"{name} daemon")
     task = bar.add_task("starting servers", total=len(launched))
     try:
         for name, (process, what) in launched.items():
-            _wait_ready(process, links[name][0], links[name][1], what)
+            _wait_ready(process, links[name][0], links[name][1], what, _log(tmp, name))
             bar.advance(task)
     except BaseException:
         for process, _ in launched.values():
@@ -198,30 +201,43 @@ def _toml_value(value: Any) -> str:
     raise SightlineError(f"cannot write {value!r} ({type(value).__name__}) to a TOML config")
 
 
-def _wait_ready(process: subprocess.Popen, endpoint: str, keys: dict, what: str) -> None:
+def _wait_ready(process: subprocess.Popen, endpoint: str, keys: dict, what: str,
+                log: Path) -> None:
+    """Until the server answers a ping; its log (stderr) names the reason if it dies."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SightlineError(f"the bench {what} exited with {process.returncode}")
+            lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+            said = f"; its last words: {lines[-1]}" if lines else ""
+            raise SightlineError(f"the bench {what} exited with {process.returncode}{said}")
         if query_info(endpoint, timeout=0.5, **keys) is not None:
             return
     process.kill()
     raise SightlineError(f"the bench {what} did not start within 60 s")
 
 
+def _log(tmp: Path, name: str) -> Path:
+    return tmp / (name.replace(", ", "-").replace(" ", "-") + ".log")
+
+
 def _launch_daemon(endpoint: str, bundle_dir: Path, config_path: Path,
-                   keys_dir: Path | None) -> subprocess.Popen:
+                   keys_dir: Path | None, log: Path) -> subprocess.Popen:
     args = ["--config", str(config_path)]
     args += ["--keys", str(keys_dir)] if keys_dir else ["--plain"]
     args += ["--control", endpoint.replace(".sock", "-control.sock")]  # several daemons at once
-    return subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "serve", "--bind",
-         endpoint, "--model", str(bundle_dir), *args], stdout=subprocess.DEVNULL)
+    # to a file: its warnings (plain mode ...) would break into the live display
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "--log-level", "warning", "serve", "--bind",
+             endpoint, "--model", str(bundle_dir), *args], stdout=subprocess.DEVNULL,
+            stderr=stderr)
 
 
-def _launch_floor(endpoint: str, bundle: Bundle, threads: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(FLOOR_SCRIPT), str(bundle.directory),
-                             endpoint, "--threads", str(threads)], stdout=subprocess.DEVNULL)
+def _launch_floor(endpoint: str, bundle: Bundle, threads: int, log: Path) -> subprocess.Popen:
+    with log.open("wb") as stderr:
+        return subprocess.Popen([sys.executable, str(FLOOR_SCRIPT), str(bundle.directory),
+                                 endpoint, "--threads", str(threads)],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def _round_trip(client: Client, frame: BenchFrame) -> tuple[float, dict[str, float]]:
