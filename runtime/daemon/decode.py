@@ -19,8 +19,9 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers with no length field: TEM and the restart markers RST0..RST7.
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 _SOS, _EOI = 0xDA, 0xD9
-# DCT scales libjpeg-turbo decodes at fastest (1/d), smallest first. It has n/8 for other n
-# too, but those cost more than they save (simplejpeg's docs; bench/jpeg_decoders.py).
+# DCT scales 1/d the daemon decodes at, smallest first. libjpeg-turbo also has n/8 for other
+# n, which simplejpeg's docs say may decode slower (unmeasured here: the powers of two are
+# what bench/jpeg_decoders.py measured, and what FrameTransform.for_source recognises).
 _DENOMINATORS = (8, 4, 2)
 # OpenCV's limit, which the daemon had before it decoded with libjpeg-turbo: a header this
 # large is refused rather than allocated (the daemon's own size limits are far lower).
