@@ -139,3 +139,18 @@ def convert_color(image: np.ndarray, color: SourceColor, want: SourceColor) -> n
     else:
         code = cv2.COLOR_BGR2RGB  # same swap both ways
     return cv2.cvtColor(image, code)
+
+
+def needed_scale(spec: InputSpec, preprocess: Preprocess, width: int, height: int) -> float:
+    """The smallest factor a width x height frame may be shrunk by before preprocessing
+    without losing anything the model would see: the resize to the model input shrinks it
+    at least this much anyway. The JPEG decoder uses it to pick a DCT scale.
+
+    Letterbox scales both axes by the smaller ratio, so the frame may shrink to it; stretch
+    scales each axis on its own, so only to the larger one. Never above 1.0: a frame
+    smaller than the input is upscaled, from its full size.
+    """
+    in_w, in_h = input_size(spec, width, height)
+    ratios = (in_w / width, in_h / height)
+    factor = min(ratios) if preprocess.resize == "letterbox" else max(ratios)
+    return min(1.0, factor)
