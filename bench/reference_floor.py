@@ -17,8 +17,7 @@ import time
 
 import zmq
 
-from runtime.daemon.decode import decode_pixels
-from runtime.daemon.inference import LoadedModel
+from runtime.daemon.inference import LoadedModel, decode_frame, frame_feeds
 from runtime.engines import EngineSettings
 from runtime.errors import ProtocolError
 from runtime.fusion.open import open_serving_engine
@@ -49,9 +48,9 @@ def serve(bundle: Bundle, endpoint: str, settings: EngineSettings) -> None:
             if not isinstance(header, FrameHeader):
                 router.send_multipart([client, encode_pong(header.seq, info)])
                 continue
-            image, color = decode_pixels(header, parts[2].buffer)
+            image, color = decode_frame(model, header, parts[2].buffer)
             decoded = time.time()
-            feeds, transform = model.frames.feeds(image, color)
+            feeds, transform = frame_feeds(model, header, image, color)
             stamps = {"received": received, "taken": received, "decoded": decoded,
                       "preprocessed": time.time()}
             stamps["started"] = time.time()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.daemon.decode import decode_depth, decode_pixels
+from runtime.daemon.decode import DecodeBuffers, decode_depth, decode_pixels
 from runtime.daemon.frame_paths import Feeds, FramePath, frame_path
 from runtime.engines import Engine
 from runtime.models.bundle import Bundle
@@ -47,12 +47,15 @@ class LoadedModel:
     bundle: Bundle
     engine: Engine
     frames: FramePath  # feeds in, results out: Python reference or fused engine
+    jpeg_buffers: DecodeBuffers  # scaled JPEG decodes reuse these (one decoding thread)
 
     @classmethod
     def of(cls, bundle: Bundle, engine: Engine, *, buffers: int = 2) -> LoadedModel:
-        """`buffers`: input tensors kept in the preprocessing ring; it must cover every
-        frame prepared but not yet copied into the engine's batch (2 x max batch)."""
-        return cls(bundle, engine, frame_path(bundle.manifest, engine, buffers=buffers))
+        """`buffers`: input tensors (and scaled JPEG decodes, which a fused engine reads
+        in place) kept in a ring; it must cover every frame prepared but not yet through
+        the engine (2 x max batch)."""
+        return cls(bundle, engine, frame_path(bundle.manifest, engine, buffers=buffers),
+                   DecodeBuffers(buffers))
 
     def warm_up(self, size: tuple[int, int] = (640, 480), runs: int = 2,
                 batch: int = 1) -> float:
@@ -82,13 +85,34 @@ class Prepared:
     depth: np.ndarray | None
 
 
+def decode_frame(model: LoadedModel, header: FrameHeader,
+                 payload: memoryview | bytes) -> tuple[np.ndarray, str]:
+    """The frame's pixels: a raw frame as a view, a JPEG at the smallest DCT scale the model
+    still loses nothing at (annotated and spatial replies work on the frame's own pixels,
+    so those decode at full size)."""
+    if header.encoding == "jpeg" and not (header.annotate or header.wants_spatial):
+        return decode_pixels(header, payload,
+                             model.frames.needed_scale(header.width, header.height),
+                             buffers=model.jpeg_buffers)
+    return decode_pixels(header, payload)
+
+
+def frame_feeds(model: LoadedModel, header: FrameHeader,
+                image: np.ndarray, color: str) -> tuple[dict, FrameTransform]:
+    """Engine feeds for a decoded frame, with the transform to the header's pixels."""
+    feeds, transform = model.frames.feeds(image, color)
+    if image.shape[1] != header.width or image.shape[0] != header.height:
+        transform = transform.for_source(header.width, header.height)
+    return feeds, transform
+
+
 def prepare(model: LoadedModel, client: bytes, job: FrameJob, taken_at: float) -> Prepared:
     """Decode and preprocess one frame; raises ProtocolError for a frame that cannot be."""
-    image, color = decode_pixels(job.header, job.payload)
-    depth = (decode_depth(job.header.depth, job.depth)
-             if job.header.depth is not None else None)
+    header = job.header
+    image, color = decode_frame(model, header, job.payload)
+    depth = (decode_depth(header.depth, job.depth) if header.depth is not None else None)
     decoded = time.time()
-    feeds, transform = model.frames.feeds(image, color)
+    feeds, transform = frame_feeds(model, header, image, color)
     stamps = {"received": job.received, "taken": taken_at, "decoded": decoded,
               "preprocessed": time.time()}
     return Prepared(model, client, job, feeds, transform, stamps, image, depth)
