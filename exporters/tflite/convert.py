@@ -36,7 +36,7 @@ def convert_tflite(path: Path) -> onnx.ModelProto:
     outputs = []
     for i in graph.outputs:
         if i in builder.constants:  # an output no operator computes: keep it an output
-            builder.node("Identity", [builder.tensor_name(i)], [builder.fresh("out")])
+            builder.node("Identity", [builder.tensor_name(i)], [builder.names[i]])
         outputs.append(_value_info(graph, i, builder.names[i]))
     onnx_graph = helper.make_graph(builder.nodes, Path(path).stem, inputs, outputs,
                                    builder.initializers)

@@ -75,11 +75,15 @@ class GraphBuilder:
 
     def tensor_name(self, index: int) -> str:
         """The ONNX name of a TFLite tensor; a constant becomes an initializer on first use."""
-        if index in self.constants and index not in self._emitted:
+        if index not in self.constants:
+            return self.names[index]
+        # A graph output that is a constant keeps its own name for the Identity giving it.
+        name = self.names[index] + ("__value" if index in self.graph.outputs else "")
+        if index not in self._emitted:
             self._emitted.add(index)
             self.initializers.append(numpy_helper.from_array(
-                np.ascontiguousarray(self.constants[index]), self.names[index]))
-        return self.names[index]
+                np.ascontiguousarray(self.constants[index]), name))
+        return name
 
 
 class OpContext:
