@@ -52,7 +52,7 @@ class SsdDecoder:
             raise EngineError(f"SSD outputs {raw.shape} and {logits.shape} do not match the "
                               f"{len(centres)} anchors of strides {list(self._anchors.strides)}"
                               f" on a {transform.input_width}x{transform.input_height} input")
-        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -100.0, 100.0)))
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -80.0, 80.0)))
         candidates = np.nonzero(scores > self._thresholds.score)[0]
         if len(candidates) == 0:
             return TaskResult()
