@@ -222,6 +222,8 @@ def encode_result(
         message["mask"] = result.mask.to_wire()
     if result.skeleton:
         message["skeleton"] = [list(pair) for pair in result.skeleton]
+    if result.detector_skipped:
+        message["detector_skipped"] = True
     if result.transform is not None:  # a v1 extension: clients ignore keys they do not know
         message["transform"] = result.transform.to_wire()
     if header.pose is not None:

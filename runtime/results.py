@@ -133,6 +133,9 @@ class TaskResult:
     classes: tuple[Classification, ...] = ()  # task classify: top-k, best first
     mask: Mask | None = None  # task segment
     skeleton: tuple[tuple[int, int], ...] = ()  # task landmarks: lines to draw
+    # A cascade with ROI tracking answered from the last frame's landmarks, without running
+    # the first (detector) model.
+    detector_skipped: bool = False
 
 
 def tensor_to_wire(array: np.ndarray, *, in_source: bool = False) -> dict[str, Any]:

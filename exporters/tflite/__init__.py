@@ -12,4 +12,7 @@ handler is refused by name. Needs the `tflite` package: pip install 'sightline[t
 
 from exporters.tflite.convert import convert_tflite
 
-__all__ = ["convert_tflite"]
+# Bumped when a translation changes: cached bundles made by an older one are re-made.
+CONVERTER_VERSION = "1"
+
+__all__ = ["CONVERTER_VERSION", "convert_tflite"]

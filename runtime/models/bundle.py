@@ -133,28 +133,6 @@ class Anchors(_Strict):
     keypoints: int = Field(default=7, ge=0, description="keypoints after the 4 box values")
 
 
-class CascadeStage(_Strict):
-    """Run bundle `model` on each object this model finds (a detector's second stage)."""
-
-    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                       description="name of a bundle the daemon serves")
-    labels: tuple[str, ...] = Field(default=(), description="only objects with these labels")
-    min_size: int = Field(default=0, ge=0, description="skip objects smaller (px, shorter side)")
-    margin: float = Field(default=0.25, ge=0.0, le=4.0,
-                          description="crop grows by this fraction of the box on each side")
-    square: bool = True
-    # Rotate the crop so the line from keypoint a to keypoint b points up (MediaPipe's palm:
-    # wrist 0 to middle-finger base 2).
-    rotate_from: tuple[int, int] | None = None
-    # Re-run policy: when a tracked object is new, its box grew by this fraction, or every
-    # `every` frames; otherwise the last result is attached again.
-    rerun_growth: float = Field(default=0.2, ge=0.0)
-    every: int = Field(default=1, gt=0)
-    # ROI tracking: skip this (the parent) model while the stage's landmarks give objects
-    # scoring at least this; 0 = off.
-    track_roi: float = Field(default=0.0, ge=0.0, le=1.0)
-
-
 class OnnxFile(_Strict):
     # A plain name inside the bundle directory: a path here could read or write outside it.
     file: str = Field(default="model.onnx", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -186,8 +164,6 @@ class Manifest(_Strict):
     skeleton: tuple[tuple[int, int], ...] = ()
     # Task ssd: the anchor grid the model's boxes are offsets from (MediaPipe's).
     anchors: Anchors | None = None
-    # Run other bundles on this model's objects (docs/cascades): see runtime/daemon/cascade.py.
-    cascade: tuple[CascadeStage, ...] = ()
 
     @field_validator("resize_to_source")
     @classmethod
@@ -207,7 +183,7 @@ class Manifest(_Strict):
         # A manifest that does not use an option added within schema 1 is written without
         # it, so daemons older than the option (extra="forbid") still accept the bundle.
         data = handler(self)
-        for name in ("resize_to_source", "skeleton", "cascade"):
+        for name in ("resize_to_source", "skeleton"):
             if not getattr(self, name):
                 data.pop(name, None)
         if self.anchors is None:
