@@ -125,7 +125,7 @@ def load_model(path: Path) -> onnx.ModelProto:
     except FileNotFoundError:
         raise BundleError(f"{path}: no such file") from None
     except Exception as exc:  # protobuf raises DecodeError and friends
-        raise BundleError(f"{path} is not a readable ONNX model: {exc}") from None
+        raise BundleError(f"{path} is not a readable ONNX model: {_one_line(exc)}") from None
 
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -217,7 +217,7 @@ def infer_shapes(model: onnx.ModelProto, known: int) -> tuple[onnx.ModelProto, l
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
-        raise BundleError(f"shape inference failed: {exc}") from None
+        raise BundleError(f"shape inference failed: {_one_line(exc)}") from None
     added = len(inferred.graph.value_info) - known
     return inferred, ([f"added shape information for {added} tensors"] if added > 0 else [])
 
@@ -226,7 +226,7 @@ def check_model(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise BundleError(f"the ONNX checker rejects the model: {exc}") from None
+        raise BundleError(f"the ONNX checker rejects the model: {_one_line(exc)}") from None
 
 
 def smoke_sizes(size: SizePolicy) -> list[tuple[int, int]]:
@@ -266,7 +266,7 @@ def smoke_outputs(model_bytes: bytes, input_name: str, layout: str, channels: in
         options.log_severity_level = 3
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise BundleError(f"ONNX Runtime cannot load the model: {exc}") from None
+        raise BundleError(f"ONNX Runtime cannot load the model: {_one_line(exc)}") from None
     shapes: dict[str, np.ndarray] = {}
     for height, width in sizes:
         shape = (1, channels, height, width) if layout == "NCHW" else (1, height, width, channels)
@@ -275,8 +275,9 @@ def smoke_outputs(model_bytes: bytes, input_name: str, layout: str, channels: in
             outputs = session.run(None, {input_name: feed})
         except Exception as exc:
             raise BundleError(
-                f"ONNX Runtime fails on a {width}x{height} input: {exc}. If the model only "
-                "works at its export size, import it with --fixed-size"
+                f"ONNX Runtime fails on a {width}x{height} input: {_one_line(exc)}. If the "
+                "model only works at its export size, import it with --fixed-size (or "
+                "--fixed-height/--fixed-width for one axis)"
             ) from None
         for meta, value in zip(session.get_outputs(), outputs, strict=True):
             if not np.all(np.isfinite(value)):
@@ -443,10 +444,20 @@ def _check_fixed_size(size: SizePolicy, dims, layout: str) -> None:
         )
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception's text on one line: the CLI's error is one line, whatever ORT wrote."""
+    return " ".join(str(exc).split())
+
+
 def _default_size(dynamic: bool, dims, layout: str) -> SizePolicy:
-    if dynamic:
-        return SizePolicy(mode="dynamic")
     h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+    if dynamic:
+        # One spatial dim fixed in the file (a text-line model's height 48) stays fixed:
+        # rounding it to the multiple would feed a size the model cannot take.
+        height, width = dims[h_axis].dim_value, dims[w_axis].dim_value
+        if bool(height) != bool(width):
+            return SizePolicy(mode="dynamic", height=height or None, width=width or None)
+        return SizePolicy(mode="dynamic")
     height, width = dims[h_axis].dim_value, dims[w_axis].dim_value
     if not (height and width):
         raise BundleError("the model's spatial dims are not fixed; import it without --fixed-size "

@@ -69,8 +69,9 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
     if fixed_size:
         width, height = parse_size(fixed_size, "--fixed-size")
         size = SizePolicy(mode="fixed", width=width, height=height)
-    elif tflite_default:
-        size = None  # the translated graph's own fixed size
+    elif tflite_default or (_only_defaults(multiple_of, max_size)
+                            and not (fixed_height or fixed_width or upscale)):
+        size = None  # the file's own size: fixed for .tflite, an axis fixed in it stays so
     else:
         max_w, max_h = parse_size(max_size, "--max-size")
         size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
@@ -89,6 +90,10 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
     click.echo(f"bundle {bundle.name}@{bundle.version} ({task}) written to {bundle.directory}")
     if archive:
         _write_archive(bundle)
+
+
+def _only_defaults(multiple_of: int, max_size: str) -> bool:
+    return multiple_of == 32 and max_size.lower() == "1920x1088"
 
 
 def _skeleton(text: str | None) -> tuple[tuple[int, int], ...]:
