@@ -169,7 +169,8 @@ class Cascade:
             del state.cache[gone]
         # ROI tracking starts only when every chosen object gave a confident next crop.
         state.rois = rois if s.track_roi and chosen and len(rois) == len(chosen) else []
-        return replace(result, detections=tuple(detections))
+        return replace(result, detections=tuple(detections),
+                       skeleton=self.child.bundle.manifest.skeleton)
 
     # -- the first model was skipped: follow last frame's landmarks ------------------------
     def _from_rois(self, item, state: _ClientState) -> TaskResult:

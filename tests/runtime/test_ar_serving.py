@@ -11,7 +11,7 @@ import pytest
 
 from runtime.client import Client
 from runtime.daemon.cascade import crop_for
-from tests.runtime.hand_image import draw_hand
+from runtime.tools.hand_scene import draw_hand
 
 HAND_CASCADE = """models = ["{palm}"]
 [[cascades]]
@@ -152,3 +152,25 @@ def test_hand_roi_tracking_skips_the_palm_detector_on_a_steady_sequence(
             points = np.array(hand.landmarks)
             assert all(silhouette[int(y), int(x)] for x, y in points), (i, points)
     assert detector_runs <= 10 if roi else detector_runs == 100
+
+
+@pytest.mark.parametrize("task", ["hands", "segment", "emotion"])
+def test_demo_task_streams_and_writes_what_each_ar_task_found(tflite_bundles, tmp_path, task):
+    import json
+
+    from tests.test_cli import run
+
+    done = run("demo", "--task", task, "--frames", "8", "--fps", "8", "--out",
+               str(tmp_path / "out"), timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").open()]
+    results = [r for r in records if r["kind"] == "result"]
+    assert len(results) >= 7  # one skipped frame is tolerated on a busy machine
+    if task == "hands":
+        assert all(len(r["detections"][0]["children"][0]["landmarks"]) == 21 for r in results)
+        assert sum(r.get("detector_skipped", False) for r in results) >= len(results) - 2
+    elif task == "segment":
+        assert all(r["mask"]["width"] == 640 and r["mask"]["height"] == 480 for r in results)
+    else:
+        assert all(r["detections"][0]["classes"][0]["label"] == "happy" for r in results)
+    assert cv2.imread(str(tmp_path / "out" / "strip.jpg")) is not None
