@@ -80,7 +80,7 @@ class Mask:
     """A segmentation mask over the whole source frame, one uint8 per source pixel:
     `probability` (0-255 for 0-1) or `classes` (class ids, names in `labels`).
 
-    On the wire it is an 8-bit greyscale PNG with its size (docs/protocol.md §5.1.3):
+    On the wire it is an 8-bit greyscale PNG with its size (docs/protocol.md §5.1.7):
     lossless, and about 20-60x smaller than the raw bytes for a person mask.
     """
 

@@ -37,7 +37,7 @@ class Reply:
 
     @property
     def classes(self) -> tuple[Classification, ...]:
-        """A classify model's top-k, best first (docs/protocol.md §5.1.3)."""
+        """A classify model's top-k, best first (docs/protocol.md §5.1.7)."""
         return tuple(Classification.from_wire(c) for c in self.message.get("classes", ()))
 
     def mask(self) -> Mask | None:
