@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from exporters.tflite import ops_math, ops_nn, ops_shape  # noqa: F401 (they register)
+import exporters.tflite.ops_math  # noqa: F401 (the handler modules register themselves)
+import exporters.tflite.ops_nn  # noqa: F401
 from exporters.tflite.ops_shape import densify, dequantize
 from exporters.tflite.reader import Graph, read_graph
 from exporters.tflite.registry import HANDLERS, GraphBuilder, OpContext
