@@ -350,6 +350,7 @@ class SimDevice:
         self.link.publish(Channel.OTA_PROGRESS, document)
         if document.get("state") in STATUS_STATES:  # as CloudAgent._report does
             self.link.update_status(**self.updater.status_fields())
+            self.link.wait_status_acknowledged(self.link.config.shutdown_timeout_s)
 
 
 # -- bundles ----------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def step_names() -> list[str]:
               "platform probe vs nvidia-smi", "NVML probe vs nvidia-smi",
               "engine: auto backend on this machine", "engine: TensorRT (compile + infer)"]
     names += [f"engine: ONNX Runtime {provider}" for provider in ORT_GPU_PROVIDERS]
+    names += [f"fusion: in-engine preprocessing + decoding on {provider} vs CPU"
+              for provider in ORT_GPU_PROVIDERS]
     return names
 
 
@@ -557,6 +559,59 @@ def check_engine_ort_provider(provider: str, model: Callable[[], _TinyModel]) ->
     return tiny.serve_and_compare(engine, atol=1e-2 if "Tensorrt" in provider else 1e-4)
 
 
+def check_fusion_on_provider(provider: str, work: Path) -> str:
+    """The fused graph (resize, pad, colour, normalise, NMS in the engine: the GPU flavour)
+    on the GPU provider against the same graph on the CPU, and against the Python steps."""
+    missing = missing_modules(PROJECT_MODULES[:-1])
+    if missing:
+        raise Skip(f"project dependencies missing here: {', '.join(missing)}")
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        raise Skip(f"this onnxruntime ({ort.__version__}) offers only "
+                   f"{', '.join(ort.get_available_providers())}")
+    import numpy as np
+
+    from runtime.daemon.frame_paths import FusedFrames, PythonFrames
+    from runtime.engines import EngineSettings, open_engine
+    from runtime.fusion.open import fused_bundle
+    from runtime.fusion.parity import check_frames
+    from tests.runtime.test_fusion import _detector
+
+    bundle = _detector(work / f"fusion-{provider}")
+    fused, spec = fused_bundle(bundle, resize_in_graph=True, decode=True, cast_first=True,
+                               root=work / "fused")  # checked on the CPU first
+    cpu = open_engine(fused.onnx_path, EngineSettings(providers=("CPUExecutionProvider",)))
+    gpu = open_engine(fused.onnx_path, EngineSettings(providers=(provider,)))
+    python_engine = open_engine(bundle.onnx_path,
+                                EngineSettings(providers=("CPUExecutionProvider",)))
+    if gpu.provider != provider:
+        raise AssertionError(f"asked for {provider}, the session runs {gpu.provider}")
+    frames = FusedFrames(bundle.manifest, resize_in_graph=True, decodes=True)
+    python = PythonFrames(bundle.manifest)
+    compared = 0
+    try:
+        for image, color in check_frames(bundle.manifest):
+            feeds, transform = frames.feeds(image, color)
+            on_cpu = frames.decode(cpu.infer(feeds), transform).detections
+            on_gpu = frames.decode(in_thread("sightline-infer-fusion",
+                                             lambda f=feeds: gpu.infer(f)), transform).detections
+            tensor_feeds, _ = python.feeds(image, color)
+            reference = python.decode(python_engine.infer(tensor_feeds), transform).detections
+            for got in (on_gpu, reference):
+                if len(got) != len(on_cpu):
+                    raise AssertionError(f"{len(got)} boxes against {len(on_cpu)} on the CPU")
+                for a, b in zip(on_cpu, got, strict=True):
+                    np.testing.assert_allclose(a.box, b.box, atol=1e-2)
+                    np.testing.assert_allclose(a.score, b.score, atol=1e-4)
+            compared += len(on_cpu)
+    finally:
+        for engine in (cpu, gpu, python_engine):
+            engine.close()
+    return (f"{provider}: {compared} kept boxes over {len(check_frames(bundle.manifest))} "
+            "frames match the CPU fused graph and the Python steps (atol 1e-2 px, 1e-4 score)")
+
+
 # }}}
 
 
@@ -583,6 +638,7 @@ def run_all(pytest_timeout: float = 150, assume_gpu: bool = False) -> list[Step]
                    lambda: check_engine_auto(model, work),
                    lambda: check_engine_tensorrt(model, work)]
         checks += [lambda p=p: check_engine_ort_provider(p, model) for p in ORT_GPU_PROVIDERS]
+        checks += [lambda p=p: check_fusion_on_provider(p, work) for p in ORT_GPU_PROVIDERS]
         assert len(checks) == len(names)
         return [run_step(name, check) for name, check in zip(names, checks, strict=True)]
 

@@ -17,16 +17,16 @@ import time
 
 import zmq
 
-from runtime.daemon.decode import decode_pixels
-from runtime.daemon.inference import LoadedModel
-from runtime.engines import EngineSettings, open_bundle_engine
+from runtime.daemon.inference import LoadedModel, decode_frame, frame_feeds
+from runtime.engines import EngineSettings
 from runtime.errors import ProtocolError
+from runtime.fusion.open import open_serving_engine
 from runtime.models.bundle import Bundle
 from runtime.protocol import FrameHeader, encode_error, encode_pong, encode_result, parse_header
 
 
 def serve(bundle: Bundle, endpoint: str, settings: EngineSettings) -> None:
-    model = LoadedModel.of(bundle, open_bundle_engine(bundle, settings))
+    model = LoadedModel.of(bundle, open_serving_engine(bundle, settings))
     model.warm_up()
     info = [{"name": bundle.name, "version": bundle.version, "task": bundle.manifest.task,
              "precision": bundle.manifest.precision, "provider": model.engine.provider,
@@ -48,15 +48,15 @@ def serve(bundle: Bundle, endpoint: str, settings: EngineSettings) -> None:
             if not isinstance(header, FrameHeader):
                 router.send_multipart([client, encode_pong(header.seq, info)])
                 continue
-            image, color = decode_pixels(header, parts[2].buffer)
+            image, color = decode_frame(model, header, parts[2].buffer)
             decoded = time.time()
-            tensor, transform = model.preprocess(image, color)
+            feeds, transform = frame_feeds(model, header, image, color)
             stamps = {"received": received, "taken": received, "decoded": decoded,
                       "preprocessed": time.time()}
             stamps["started"] = time.time()
-            outputs = model.engine.infer({model.input_name: tensor})
+            outputs = model.engine.infer(feeds)
             stamps["inferred"] = time.time()
-            result = model.decode_outputs(outputs, transform)
+            result = model.frames.decode(outputs, transform)
             stamps["postprocessed"] = time.time()
             reply = encode_result(header, bundle.name, bundle.version, result, stamps, 0)
         except ProtocolError as exc:
@@ -71,9 +71,11 @@ def main() -> None:
     parser.add_argument("bundle")
     parser.add_argument("endpoint")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--fused", choices=("auto", "off"), default="auto",
+                        help="engine.fused, as the daemon it is compared with")
     args = parser.parse_args()
     serve(Bundle.load(args.bundle), args.endpoint,
-          EngineSettings(intra_op_threads=args.threads))
+          EngineSettings(intra_op_threads=args.threads, fused=args.fused))
 
 
 if __name__ == "__main__":

@@ -121,3 +121,5 @@ class CloudAgent:
         # every step (a cluster replicates each retained message).
         if document.get("state") in STATUS_STATES:
             self.link.update_status(**self.updater.status_fields())
+            # Before the next step: a kill -9 after it must leave this status on the broker.
+            self.link.wait_status_acknowledged(self.link.config.shutdown_timeout_s)

@@ -24,6 +24,7 @@ from runtime.errors import UpdateRejected
 
 _SHA256 = r"^[0-9a-f]{64}$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class _Strict(BaseModel):
@@ -73,7 +74,9 @@ class _Targets(_Strict):
 
 class UpdateCommand(_Targets):
     type: Literal["update"] = "update"
-    update_id: str
+    # The topic-id rule (cloud_sync/topics.py), also in the schema; the validator below
+    # gives the message that explains it.
+    update_id: str = Field(json_schema_extra={"pattern": _ID, "maxLength": 64})
     model: str = Field(pattern=_NAME)
     version: str = Field(min_length=1, max_length=64, pattern=_NAME)
     sha256: str = Field(pattern=_SHA256)

@@ -64,6 +64,9 @@ class DeviceRecord:
 @dataclass
 class _Device:
     status: dict[str, Any] | None = None
+    # The last status the device sent itself: a Last Will names no models (docs/mqtt.md
+    # §2), so what an offline device served is the last thing it said.
+    reported: dict[str, Any] | None = None
     telemetry: dict[str, Any] | None = None
     progress: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_seen: float = 0.0
@@ -146,6 +149,8 @@ class FleetState:
                 # Latest arrival wins, not newest ts: the Last Will carries the time of
                 # the connect, older than the "online" it replaces.
                 device.status = document
+                if "models" in document:
+                    device.reported = document
             elif parsed.channel is Channel.TELEMETRY:
                 if _not_older(document, device.telemetry):
                     device.telemetry = document
@@ -201,15 +206,19 @@ def _row(device_id: str, device: _Device) -> DeviceRow:
     telemetry = device.telemetry or {}
     state = status.get("state")
     groups = status.get("groups")
+    # A Last Will: models and OTA as last reported while connected; none when this watcher
+    # started after the Will (then no version is shown, rather than a guessed one).
+    will = state == "offline" and "models" not in status
+    reported = device.reported or {} if will else status
     return DeviceRow(
         device_id=device_id,
         online=True if state == "online" else False if state == "offline" else None,
         groups=tuple(g for g in groups if isinstance(g, str)) if isinstance(groups, list)
         else (),
-        models=_models(status, telemetry),
+        models=_models(reported, {} if will else telemetry),
         fps=_number(telemetry.get("fps")),
         p99_ms=_p99(telemetry),
-        ota=_ota(status.get("ota"), device.progress),
+        ota=_ota(reported.get("ota"), device.progress),
         last_seen=device.last_seen,
     )
 

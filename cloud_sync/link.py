@@ -2,9 +2,11 @@
 
 Every upward message except status goes through the persistent outbox and leaves it
 only when the broker's PUBACK arrives, so a vanished broker or a crash loses nothing.
-Status is one retained document per device: "online" on every connect, "offline" by
-the Last Will or on a clean stop. This module does not interpret OTA messages: it hands
-them to the caller's handler on a thread of its own.
+Status is one retained document per device: "online" on every connect and whenever it
+changes, "offline" on a clean stop, and a minimal "offline" by the Last Will (built at
+connect time, so it names nothing that can change while connected: docs/mqtt.md §2).
+This module does not interpret OTA messages: it hands them to the caller's handler on a
+thread of its own.
 """
 
 from __future__ import annotations
@@ -171,6 +173,22 @@ class LinkStats:
     downlinks_handled: int
     downlink_handler_errors: int
     outbox: OutboxStats
+
+
+class _PahoLog(logging.LoggerAdapter):
+    """paho's log as `cloud_sync.paho`, less one false alarm: on a clean stop paho's network
+    thread can run one more loop on the socket its DISCONNECT just closed and log "Client
+    is not connected" at ERROR. Expected then, so DEBUG (journald alerts on ERROR)."""
+
+    def __init__(self, link: MqttLink) -> None:
+        super().__init__(logging.getLogger("cloud_sync.paho"), {})
+        self._link = link
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if (level >= logging.ERROR and self._link.stopping
+                and str(msg).startswith("Client is not connected")):
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
 
 
 def _json(document: Mapping[str, Any]) -> bytes:
@@ -346,6 +364,21 @@ class MqttLink:
             self._status_version += 1
         self._publish_status("online")
 
+    def wait_status_acknowledged(self, timeout: float) -> bool:
+        """Wait until the broker has acknowledged every status published (True), or the
+        link is not connected, or `timeout`. The OTA side waits after what serves changed,
+        so the retained status says so before the next step (a kill -9 right after it
+        leaves the truth on the broker, not the version before)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._status_mids or not self._connected,
+                                       timeout) and not self._status_mids
+
+    @property
+    def stopping(self) -> bool:
+        """stop() has begun: the link is going away on purpose."""
+        with self._cond:
+            return self._stopping
+
     @property
     def connected(self) -> bool:
         with self._cond:
@@ -420,7 +453,7 @@ class MqttLink:
         else:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                  clean_session=False, protocol=protocol, manual_ack=True)
-        client.enable_logger(logging.getLogger("cloud_sync.paho"))
+        client.enable_logger(_PahoLog(self))  # type: ignore[arg-type]
         client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
         # Room for status messages beside the sender's window, so paho never queues ours.
         client.max_inflight_messages_set(config.inflight_window + 8)
@@ -447,9 +480,14 @@ class MqttLink:
             properties = Properties(PacketTypes.WILLMESSAGE)
             properties.PayloadFormatIndicator = 1
             properties.ContentType = "application/json"
-        client.will_set(self.topics.status,
-                        self._status_document("offline", reason="connection-lost"),
-                        qos=1, retain=True, properties=properties)
+        # Only what cannot change while connected: the broker may publish this hours after
+        # the CONNECT, and models, OTA state and outbox figures change meanwhile. What the
+        # device served is in the last "online" status, which the Will replaces on the
+        # broker: a watcher keeps it (cloud_sync/fleet.py), a late one sees no version.
+        client.will_set(self.topics.status, _json({
+            "state": "offline", "reason": "connection-lost", "ts": round(time.time(), 3),
+            "device_id": self.config.device_id, "groups": list(self.config.groups)}),
+            qos=1, retain=True, properties=properties)
 
     def _status_document(self, state: str, **extra: Any) -> bytes:
         outbox = self._outbox.stats()

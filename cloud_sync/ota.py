@@ -8,14 +8,15 @@ after a restart `start()` reports where the interrupted update stopped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from cloud_sync.command_queue import CommandQueue, Queued, QueueFull
 from cloud_sync.commands import (
     OtaState,
     RollbackCommand,
@@ -39,6 +40,10 @@ from runtime.models.validation import validate_engine
 
 log = logging.getLogger(__name__)
 __all__ = ["FAILPOINT_ENV", "OtaSettings", "Updater"]
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
 # Starts of one update before it is given up: a restart before activation resumes it,
 # unless the update itself keeps killing the daemon (then the old version serves).
 MAX_ATTEMPTS = 3
@@ -57,6 +62,8 @@ class Host(Protocol):
     def serving(self) -> dict[str, str]: ...
 
     def open_engine(self, bundle: Bundle) -> Engine: ...
+
+    def fuse(self, bundle: Bundle, engine: Engine, *, strict: bool = True) -> Engine: ...
 
     def warm_up(self, bundle: Bundle, engine: Engine) -> None: ...
 
@@ -78,7 +85,7 @@ class Updater:
         self._deliveries = deliveries
         self.settings = settings or OtaSettings()
         self._dir = store.root.parent / "ota"
-        self._queue: queue.Queue[UpdateCommand | RollbackCommand] = queue.Queue(maxsize=16)
+        self._queue = CommandQueue(self._dir / "queue", self.settings.max_queued_commands)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="sightline-ota", daemon=True)
         self._probation: Probation | None = None
@@ -111,10 +118,21 @@ class Updater:
 
     # -- called from the MQTT link's downlink thread ------------------------------------
     def handle_command(self, payload: bytes) -> None:
-        """Verify and queue a command; a refused one is reported, never raised.
+        """Verify, journal and queue a command; a refused one is reported, never raised.
 
-        Order: signature, schema, addressing (a command for others is ignored, silently),
-        then age and replay; an accepted id is persisted before the command is queued."""
+        Order: size, signature, schema, addressing, age and replay, room in the queue.
+        An accepted command is on disk (ota/queue/) before this returns, so before the
+        link acknowledges it and before its id counts as seen: a restart runs it."""
+        if len(payload) > self.settings.max_command_bytes:
+            log.error("OTA command of %d bytes rejected: over ota.max_command_bytes (%d)",
+                      len(payload), self.settings.max_command_bytes)
+            # Not parsed to find the ids it claims: its size is the problem.
+            self._report(None, OtaState.REJECTED, check="oversize",
+                         command_sha256=_sha256(payload),
+                         detail=f"the command is {len(payload)} bytes, more than "
+                                f"ota.max_command_bytes ({self.settings.max_command_bytes}); "
+                                "nothing in it was read")
+            return
         try:
             document = self._trusted.verify(payload)
         except UpdateRejected as exc:
@@ -126,7 +144,19 @@ class Updater:
             self._reject_unverified(payload, "schema", exc)
             return
         if not command.addresses(self._device_id, self._groups):
-            log.info("OTA command %s is not addressed to this device", command_id(command))
+            log.warning("OTA command %s rejected: addressed to devices %s, groups %s; this "
+                        "is %s in groups %s", command_id(command), list(command.devices),
+                        list(command.groups), self._device_id, list(self._groups))
+            # Like a replay, no update_id at the top: the update's real targets own it.
+            self._report(None, OtaState.REJECTED, keep_last=True, check="address",
+                         command_sha256=_sha256(payload),
+                         misaddressed={**command_identity(command),
+                                       "devices": list(command.devices),
+                                       "groups": list(command.groups)},
+                         detail=(f"command {command_id(command)} is signed for devices "
+                                 f"{list(command.devices)} and groups {list(command.groups)}; "
+                                 f"this device is {self._device_id} in groups "
+                                 f"{list(self._groups)}: publish it on its targets' topics"))
             return
         try:
             self._replay.check(command_id(command), command.issued_at,
@@ -146,15 +176,19 @@ class Updater:
                 self._report(command, OtaState.REJECTED, detail=str(exc), check=exc.check,
                              command_sha256=digest)
             return
+        try:
+            self._queue.put(command)  # on disk from here: a restart runs it
+        except QueueFull as exc:
+            # Not remembered: the same command, sent again once there is room, is accepted.
+            self._report(command, OtaState.REJECTED, check="queue",
+                         command_sha256=_sha256(payload),
+                         detail=f"{exc}; send it again once the current update is done")
+            return
+        self._remember(command)
+
+    def _remember(self, command: UpdateCommand | RollbackCommand) -> None:
         self._replay.remember(command_id(command), command.issued_at, keep_s=(
             self.settings.max_command_age_s + 2 * self.settings.max_clock_skew_s))
-        try:
-            self._queue.put_nowait(command)
-        except queue.Full:
-            digest = describe_unverified(payload)["command_sha256"]
-            self._report(command, OtaState.REJECTED, check="queue", command_sha256=digest,
-                         detail="too many commands queued; send it again, with a new id, "
-                                "once the current update is done")
 
     def _reject_unverified(self, payload: bytes, check: str, exc: UpdateRejected) -> None:
         """Report a command refused before it could be trusted, with what it claims."""
@@ -178,20 +212,26 @@ class Updater:
     # -- worker ----------------------------------------------------------------------
     def _main(self) -> None:
         while not self._stop.is_set():
-            try:
-                command = self._queue.get(timeout=0.25)
-            except queue.Empty:
+            entry = self._queue.get(timeout=0.25)
+            if entry is None:
                 self._check_probation()
                 continue
-            try:
-                if isinstance(command, UpdateCommand):
-                    self._run_update(command)
-                else:
-                    self._run_rollback(command)
-            except Exception as exc:  # the OTA thread must outlive any bug in one update
-                log.exception("OTA command %s failed unexpectedly", command_id(command))
-                self._report(command, OtaState.FAILED, detail=f"internal error: {exc}")
+            self._run(entry)
             self._check_probation()
+
+    def _run(self, entry: Queued) -> None:
+        """Run one command to its end, or to a pause the update journal records; only then
+        is it out of the queue's journal (a kill before that runs it again)."""
+        command = entry.command
+        try:
+            if isinstance(command, UpdateCommand):
+                self._run_update(command)
+            else:
+                self._run_rollback(command)
+        except Exception as exc:  # the OTA thread must outlive any bug in one update
+            log.exception("OTA command %s failed unexpectedly", command_id(command))
+            self._report(command, OtaState.FAILED, detail=f"internal error: {exc}")
+        self._queue.done(entry)
 
     def _run_update(self, command: UpdateCommand) -> None:
         serving = self._host.serving()
@@ -249,6 +289,7 @@ class Updater:
             self._step(command, step, detail=f"median latency {report.latency_ms:.2f} ms"
                        + (f", max error {report.max_abs_error:.3g}"
                           if report.max_abs_error is not None else ""))
+            engine = self._host.fuse(bundle, engine)  # checked against the reference
             self._host.warm_up(bundle, engine)
             target = self._store.install(bundle.directory, command.model, command.version)
             failpoint("ota:installed")
@@ -330,22 +371,38 @@ class Updater:
         return bundle
 
     def _run_rollback(self, command: RollbackCommand) -> None:
+        if self._rolled_back_already(command):
+            return
         try:
             previous, target = self._store.rollback(
                 command.model, command.to_version,
                 reason=f"rolled back by command {command.command_id}")
-        except SightlineError as exc:
-            self._report(command, OtaState.FAILED, detail=str(exc))
+        except SightlineError as exc:  # "rollback: ", as an update's detail names its step
+            self._report(command, OtaState.FAILED, detail=f"rollback: {exc}")
             return
         self._serve_active(command.model)
         detail = f"rolled back from {previous} to {target} by command {command.command_id}"
         self._end_probation(command.model, OtaState.ROLLED_BACK, detail)
         self._report(command, OtaState.ROLLED_BACK, detail=detail, version=target)
 
+    def _rolled_back_already(self, command: RollbackCommand) -> bool:
+        """A rollback the daemon died in after the store's rollback: run again, it would go
+        back one version too many. Report it done instead (the store's record says so)."""
+        state = self._store.state(command.model)
+        reason = f"rolled back by command {command.command_id}"
+        if state is None or not any(r.reason == reason for r in state.versions):
+            return False
+        if self._host.serving().get(command.model) != state.active:
+            self._serve_active(command.model)
+        self._report(command, OtaState.ROLLED_BACK, version=state.active,
+                     detail=f"{reason} before the restart; {state.active} serves")
+        return True
+
     def _serve_active(self, model: str) -> None:
         """Load the store's active version and swap it in (after a rollback)."""
         bundle = self._store.active_bundle(model)
-        engine = self._host.open_engine(bundle)
+        # not strict: a version going back into service is served, fused or not
+        engine = self._host.fuse(bundle, self._host.open_engine(bundle), strict=False)
         self._host.warm_up(bundle, engine)
         self._host.swap(bundle, engine)
 
@@ -400,6 +457,7 @@ class Updater:
         journal = read_json(self._dir / "inflight.json")
         command = parse_command(journal["command"]) if journal is not None else None
         step = journal.get("state", "?") if journal is not None else None
+        self._load_queue(command)
         for event in boot_events:
             ours = isinstance(command, UpdateCommand) and command.model == event.model
             self._report(command if ours else None, OtaState.ROLLED_BACK, detail=event.detail,
@@ -436,7 +494,7 @@ class Updater:
             self._attempts[command.update_id] = journal.get("attempt", 1) + 1
             log.info("update %s was interrupted during step %r; resuming it (try %d of %d)",
                      command.update_id, step, self._attempts[command.update_id], MAX_ATTEMPTS)
-            self._queue.put_nowait(command)
+            self._queue.resume(command)
             self._store.clear_staging(keep=command.update_id)
             return
         elif command is not None:
@@ -447,6 +505,19 @@ class Updater:
                 "to retry"))
             self._clear_journal()
         self._store.clear_staging()
+
+    def _load_queue(self, journalled: UpdateCommand | RollbackCommand | None) -> None:
+        """Queue the commands accepted before the restart that had not ended. The update
+        journal, when there is one, owns its command (resumed or reported from there)."""
+        entries = self._queue.recovered
+        if journalled is not None:
+            self._queue.drop({command_id(journalled)})
+        for entry in entries:
+            if command_id(entry.command) not in self._replay:  # died before remembering it
+                self._remember(entry.command)
+        if entries:
+            log.info("%d OTA command(s) accepted before the restart are queued again",
+                     len(self._queue))
 
     # -- bookkeeping -----------------------------------------------------------------
     def _step(self, command: UpdateCommand, state: OtaState, **fields: Any) -> None:

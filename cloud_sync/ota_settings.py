@@ -35,3 +35,9 @@ class OtaSettings(BaseModel):
     # or dated further ahead of this device's clock than the skew.
     max_command_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     max_clock_skew_s: float = Field(default=300.0, ge=0)
+    # Accepted commands waiting behind the one running, journaled in state_dir/ota/queue/;
+    # one more is refused (check "queue") and not remembered, so it can be sent again.
+    max_queued_commands: int = Field(default=16, ge=1, le=1000)
+    # A command (the signed envelope as received) longer than this is refused unread
+    # (check "oversize"). 1 MiB holds the chunk hashes of a bundle of several GB.
+    max_command_bytes: int = Field(default=1024 * 1024, ge=1024)

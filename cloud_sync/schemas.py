@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from cloud_sync.commands import OtaState, _CommandDocument
 from cloud_sync.telemetry import SCHEMA, SCHEMA_VERSION
@@ -43,9 +43,9 @@ class ServedModel(_Wire):
     probation: bool = Field(description="the version serving is not yet confirmed")
 
 
-# Which check refused a command (OtaProgress.check), docs/mqtt.md §9.5.
-Check = Literal["signature", "schema", "replay", "expired", "clock", "downgrade", "model",
-                "size", "queue"]
+# Which check refused a command (OtaProgress.check), docs/mqtt.md §9.6.
+Check = Literal["oversize", "signature", "schema", "address", "replay", "expired", "clock",
+                "queue", "downgrade", "model", "size"]
 
 
 class Unverified(_Wire):
@@ -69,6 +69,13 @@ class ReplayOf(_Wire):
     command_id: str | None = None
     model: str
     version: str | None = None
+
+
+class Misaddressed(ReplayOf):
+    """The (verified) command refused as not addressed to this device, and its targets."""
+
+    devices: list[str]
+    groups: list[str]
 
 
 class OtaProgress(_Wire):
@@ -96,6 +103,9 @@ class OtaProgress(_Wire):
     replay_of: ReplayOf | None = Field(default=None, description=(
         "rejected as a replay: the command (already accepted once) it repeats; the "
         "update's own documents keep their update_id, this one has none"))
+    misaddressed: Misaddressed | None = Field(default=None, description=(
+        "rejected with check address: the command and the targets it is signed for; no "
+        "update_id at the top, as for a replay"))
 
 
 class LastOutcome(OtaProgress):
@@ -105,15 +115,32 @@ class LastOutcome(OtaProgress):
 
 
 class StatusDocument(_Wire):
+    """What the device publishes itself: online (on connect and on change), offline on a
+    clean stop. Always true when it was sent."""
+
     state: Literal["online", "offline"]
     ts: Number
     device_id: str
-    reason: Literal["connection-lost"] | None = Field(
-        default=None, description="only in the Last Will: the broker lost the device")
     outbox: OutboxFigures
     groups: list[str]
     models: dict[str, ServedModel]
     ota: LastOutcome | None = Field(description="the last OTA outcome (survives restarts)")
+
+
+class LastWill(_Wire):
+    """What the broker publishes when it lost the device: made at connect time, so only
+    what cannot change while connected. What it served: the last status it sent."""
+
+    state: Literal["offline"]
+    reason: Literal["connection-lost"]
+    ts: Number = Field(description="when the Will was registered (the connect), not when "
+                                   "the connection died")
+    device_id: str
+    groups: list[str]
+
+
+class Status(RootModel[StatusDocument | LastWill]):
+    """devices/{id}/status, retained: the device's own status, or its Last Will."""
 
 
 # -- telemetry (devices/{id}/telemetry) -------------------------------------------------
@@ -280,7 +307,7 @@ def _command_schema() -> dict[str, Any]:
 
 
 SCHEMAS: dict[str, Any] = {
-    "status": StatusDocument,
+    "status": Status,
     "telemetry": Telemetry,
     "ota-progress": OtaProgress,
     "ota-command-envelope": CommandEnvelope,

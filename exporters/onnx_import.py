@@ -17,8 +17,10 @@ import onnx
 from onnx import shape_inference
 from pydantic import ValidationError
 
+from exporters.import_checks import check_task_fits, fit_color, resolve_layout
 from runtime.errors import BundleError, describe_validation
 from runtime.models.bundle import (
+    Anchors,
     Bundle,
     InputSpec,
     Manifest,
@@ -29,6 +31,9 @@ from runtime.models.bundle import (
     Thresholds,
     write_bundle,
 )
+
+# Tasks whose decoder guesses its output roles itself (runtime.tasks.default_roles).
+TASK_ROLES = ("classify", "segment", "landmarks", "ssd")
 
 # Per-task defaults a user would otherwise have to look up for the common model families.
 TASK_DEFAULTS: dict[str, dict] = {
@@ -45,6 +50,30 @@ TASK_DEFAULTS: dict[str, dict] = {
         labels=(),
     ),
     "raw": dict(preprocess=Preprocess(), thresholds=Thresholds(), labels=()),
+    # Classifiers: RGB / 255, stretched (a crop is the whole object); top 5, any confidence.
+    "classify": dict(
+        preprocess=Preprocess(color="rgb", scale=1.0 / 255.0, resize="stretch"),
+        thresholds=Thresholds(score=0.0, max_detections=5),
+        labels=(),
+    ),
+    # Segmenters (MediaPipe selfie: RGB in [0, 1]); score: the mask's foreground threshold.
+    "segment": dict(
+        preprocess=Preprocess(color="rgb", scale=1.0 / 255.0, resize="letterbox", pad_value=0),
+        thresholds=Thresholds(score=0.5),
+        labels=(),
+    ),
+    # Single-object landmark models (MediaPipe hand: RGB in [0, 1], one object per crop).
+    "landmarks": dict(
+        preprocess=Preprocess(color="rgb", scale=1.0 / 255.0, resize="stretch"),
+        thresholds=Thresholds(score=0.5),
+        labels=(),
+    ),
+    # SSD anchors with keypoints (MediaPipe palm/face detectors), letterboxed with black.
+    "ssd": dict(
+        preprocess=Preprocess(color="rgb", scale=1.0 / 255.0, resize="letterbox", pad_value=0),
+        thresholds=Thresholds(score=0.5, iou=0.3),
+        labels=("object",),
+    ),
 }
 
 
@@ -55,7 +84,7 @@ class ImportOptions:
     version: str = "1"
     dynamic: bool = True
     size: SizePolicy | None = None
-    layout: str = "NCHW"
+    layout: str | None = None  # None: what the input's shape shows (NHWC for .tflite)
     preprocess: Preprocess | None = None
     thresholds: Thresholds | None = None
     labels: Sequence[str] | None = None
@@ -64,6 +93,10 @@ class ImportOptions:
     resize_to_source: tuple[str, ...] = ()
     # Provenance for the manifest; default: the source file's name and sha256.
     source: dict[str, str] | None = None
+    # Task landmarks: point pairs to draw as lines (the overlay's skeleton).
+    skeleton: tuple[tuple[int, int], ...] = ()
+    # Task ssd: the anchor grid; default MediaPipe's, keypoints counted from the output.
+    anchors: Anchors | None = None
 
 
 @dataclass
@@ -82,12 +115,17 @@ class PreparedImport:
 
 
 def load_model(path: Path) -> onnx.ModelProto:
+    """The ONNX model in `path`; a .tflite file is translated first (exporters/tflite)."""
+    if path.suffix.lower() == ".tflite" and path.is_file():
+        from exporters.tflite import convert_tflite
+
+        return convert_tflite(path)
     try:
         return onnx.load(str(path))
     except FileNotFoundError:
         raise BundleError(f"{path}: no such file") from None
     except Exception as exc:  # protobuf raises DecodeError and friends
-        raise BundleError(f"{path} is not a readable ONNX model: {exc}") from None
+        raise BundleError(f"{path} is not a readable ONNX model: {_one_line(exc)}") from None
 
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -148,13 +186,17 @@ def _node_inputs(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def make_dims_dynamic(model: onnx.ModelProto, layout: str, spatial: bool) -> list[str]:
-    """Free the batch dim always (frames come one at a time), spatial dims when asked."""
+def make_dims_dynamic(model: onnx.ModelProto, layout: str, spatial: bool,
+                      keep: tuple[str, ...] = ()) -> list[str]:
+    """Free the batch dim always (frames come one at a time), spatial dims when asked, but
+    not those named in `keep` ("height"/"width": the axis a size policy fixes)."""
     tensor_input = image_input(model)
     dims = tensor_input.type.tensor_type.shape.dim
     axes = {"batch": 0}
     if spatial:
         axes.update({"height": 2, "width": 3} if layout == "NCHW" else {"height": 1, "width": 2})
+    for name in keep:
+        axes.pop(name, None)
     frozen = [f"{name}={dims[axis].dim_value}" for name, axis in axes.items()
               if dims[axis].HasField("dim_value")]
     for name, axis in axes.items():
@@ -175,7 +217,7 @@ def infer_shapes(model: onnx.ModelProto, known: int) -> tuple[onnx.ModelProto, l
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
-        raise BundleError(f"shape inference failed: {exc}") from None
+        raise BundleError(f"shape inference failed: {_one_line(exc)}") from None
     added = len(inferred.graph.value_info) - known
     return inferred, ([f"added shape information for {added} tensors"] if added > 0 else [])
 
@@ -184,7 +226,7 @@ def check_model(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise BundleError(f"the ONNX checker rejects the model: {exc}") from None
+        raise BundleError(f"the ONNX checker rejects the model: {_one_line(exc)}") from None
 
 
 def smoke_sizes(size: SizePolicy) -> list[tuple[int, int]]:
@@ -192,21 +234,40 @@ def smoke_sizes(size: SizePolicy) -> list[tuple[int, int]]:
     if size.mode == "fixed":
         return [(size.height, size.width)]  # type: ignore[list-item]
     m = size.multiple_of
+    if size.height is not None:
+        return [(size.height, m * 2), (size.height, m * 3)]
+    if size.width is not None:
+        return [(m * 2, size.width), (m * 3, size.width)]
     return [(m * 2, m * 3), (m * 3, m * 2)]
+
+
+def _fixed_axes(size: SizePolicy) -> tuple[str, ...]:
+    if size.mode == "fixed":
+        return ()
+    return tuple(axis for axis in ("height", "width") if getattr(size, axis) is not None)
 
 
 def smoke_run(model_bytes: bytes, input_name: str, layout: str, channels: int,
               sizes: list[tuple[int, int]]) -> dict[str, tuple[int, ...]]:
     """Run the model in a real ONNX Runtime session; return output shapes of the last run."""
+    return {name: value.shape for name, value in
+            smoke_outputs(model_bytes, input_name, layout, channels, sizes).items()}
+
+
+def smoke_outputs(model_bytes: bytes, input_name: str, layout: str, channels: int,
+                  sizes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Run the model in a real ONNX Runtime session; return the outputs of the last run."""
     import onnxruntime as ort
 
+    # Quiet from the start: an import error must be one line, not ORT warnings before it.
+    ort.set_default_logger_severity(3)
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise BundleError(f"ONNX Runtime cannot load the model: {exc}") from None
-    shapes: dict[str, tuple[int, ...]] = {}
+        raise BundleError(f"ONNX Runtime cannot load the model: {_one_line(exc)}") from None
+    shapes: dict[str, np.ndarray] = {}
     for height, width in sizes:
         shape = (1, channels, height, width) if layout == "NCHW" else (1, height, width, channels)
         feed = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
@@ -214,13 +275,14 @@ def smoke_run(model_bytes: bytes, input_name: str, layout: str, channels: int,
             outputs = session.run(None, {input_name: feed})
         except Exception as exc:
             raise BundleError(
-                f"ONNX Runtime fails on a {width}x{height} input: {exc}. If the model only "
-                "works at its export size, import it with --fixed-size"
+                f"ONNX Runtime fails on a {width}x{height} input: {_one_line(exc)}. If the "
+                "model only works at its export size, import it with --fixed-size (or "
+                "--fixed-height/--fixed-width for one axis)"
             ) from None
         for meta, value in zip(session.get_outputs(), outputs, strict=True):
             if not np.all(np.isfinite(value)):
                 raise BundleError(f"output {meta.name!r} is not finite on a {width}x{height} input")
-            shapes[meta.name] = value.shape
+            shapes[meta.name] = value
     return shapes
 
 
@@ -231,7 +293,15 @@ def default_output_roles(task: Task, output_shapes: dict[str, tuple[int, ...]]) 
     if task == "detect":
         if len(names) != 1:
             raise BundleError(f"a detect model needs one output [N, 4+C, anchors]; it has {names}")
+        shape = output_shapes[names[0]]
+        if len(shape) != 3 or shape[1] < 5:
+            raise BundleError(f"--task detect needs an output [N, 4+C, anchors]; this model's "
+                              f"is {list(shape)} (a classifier? use --task classify)")
         return {"predictions": names[0]}
+    if task in TASK_ROLES:
+        from runtime.tasks import default_roles
+
+        return default_roles(task, output_shapes)
     # CenterFace: heatmap (1 ch), scale (2), offset (2), landmarks (10), in that graph order.
     by_channels: dict[int, list[str]] = {}
     for name, shape in output_shapes.items():
@@ -259,27 +329,29 @@ def import_onnx(source: Path, options: ImportOptions, out_dir: Path, *,
 
 def prepare_import(source: Path, options: ImportOptions) -> PreparedImport:
     """Everything `import_onnx` does short of writing: callers can verify before they commit."""
+    from_tflite = source.suffix.lower() == ".tflite"
     model = load_model(source)
     known_shapes = len(model.graph.value_info)
     repairs = drop_initializer_inputs(model) + drop_unused_initializers(model)
     tensor_input = image_input(model)
     dims = tensor_input.type.tensor_type.shape.dim
-    channel_axis = 1 if options.layout == "NCHW" else 3
+    layout = resolve_layout([d.dim_value for d in dims], options.layout, from_tflite=from_tflite)
+    channel_axis = 1 if layout == "NCHW" else 3
     channels = dims[channel_axis].dim_value or 3
-    size = options.size or _default_size(options.dynamic, dims, options.layout)
-    _check_fixed_size(size, dims, options.layout)
-    repairs += make_dims_dynamic(model, options.layout, spatial=size.mode == "dynamic")
+    # A translated .tflite graph has its shapes baked in: it keeps its fixed input size.
+    size = options.size or _default_size(options.dynamic and not from_tflite, dims, layout)
+    _check_fixed_size(size, dims, layout)
+    repairs += make_dims_dynamic(model, layout, spatial=size.mode == "dynamic",
+                                 keep=_fixed_axes(size))
     model, shape_repairs = infer_shapes(model, known_shapes)
     repairs += shape_repairs
     check_model(model)
 
     defaults = TASK_DEFAULTS[options.task]
-    preprocess = options.preprocess or defaults["preprocess"]
-    if channels == 1 and preprocess.color != "gray":
-        preprocess = preprocess.model_copy(update=dict(color="gray", mean=(0.0,), std=(1.0,)))
+    preprocess = fit_color(options.preprocess or defaults["preprocess"], channels)
     model_bytes = model.SerializeToString()
-    output_shapes = smoke_run(model_bytes, tensor_input.name, options.layout, channels,
-                              smoke_sizes(size))
+    smoke = smoke_outputs(model_bytes, tensor_input.name, layout, channels, smoke_sizes(size))
+    output_shapes = {name: value.shape for name, value in smoke.items()}
     outputs = options.outputs or default_output_roles(options.task, output_shapes)
     unknown = set(outputs.values()) - set(output_shapes)
     if unknown:
@@ -295,20 +367,38 @@ def prepare_import(source: Path, options: ImportOptions) -> PreparedImport:
             name=options.name,
             version=options.version,
             task=options.task,
-            input=InputSpec(name=tensor_input.name, layout=options.layout, size=size),
+            input=InputSpec(name=tensor_input.name, layout=layout, size=size),
             preprocess=preprocess,
             outputs=outputs,
             labels=labels,
             thresholds=options.thresholds or defaults["thresholds"],
             onnx=OnnxFile(file="model.onnx", sha256=hashlib.sha256(model_bytes).hexdigest()),
-            source=options.source if options.source is not None else {
-                "file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+            source=options.source if options.source is not None else _provenance(source),
             resize_to_source=options.resize_to_source,
+            skeleton=options.skeleton,
+            anchors=_anchors(options, output_shapes, outputs),
         )
     except ValidationError as exc:  # e.g. a name taken from a file stem with spaces in it
         raise BundleError("cannot make a bundle manifest from these options: "
                           f"{describe_validation(exc, model=Manifest)}") from None
+    check_task_fits(manifest, smoke, smoke_sizes(size)[-1])
     return PreparedImport(manifest, model_bytes, repairs)
+
+
+def _anchors(options: ImportOptions, shapes: dict[str, tuple[int, ...]],
+             outputs: dict[str, str]) -> Anchors | None:
+    if options.task != "ssd":
+        return None
+    if options.anchors is not None:
+        return options.anchors
+    return Anchors(keypoints=max(0, (shapes[outputs["boxes"]][-1] - 4) // 2))
+
+
+def _provenance(source: Path) -> dict[str, str]:
+    record = {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    if source.suffix.lower() == ".tflite":
+        record["format"] = "tflite"  # translated by exporters/tflite, opset 17
+    return record
 
 
 def _check_resize_to_source(options: ImportOptions, output_shapes: dict[str, tuple[int, ...]],
@@ -336,9 +426,15 @@ def _check_resize_to_source(options: ImportOptions, output_shapes: dict[str, tup
 def _check_fixed_size(size: SizePolicy, dims, layout: str) -> None:
     # Only the batch dim is freed in fixed mode, so a size other than the frozen one can
     # never run; say so rather than letting the smoke run fail with advice to use it.
-    if size.mode != "fixed":
-        return
     h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+    if size.mode != "fixed":
+        for axis, index in (("height", h_axis), ("width", w_axis)):
+            want, frozen_dim = getattr(size, axis), dims[index].dim_value
+            if want is not None and frozen_dim and frozen_dim != want:
+                raise BundleError(f"the model's input {axis} is fixed at {frozen_dim} but "
+                                  f"--fixed-{axis} {want} was asked for; use "
+                                  f"--fixed-{axis} {frozen_dim}")
+        return
     frozen = (dims[w_axis].dim_value, dims[h_axis].dim_value)
     if all(frozen) and frozen != (size.width, size.height):
         raise BundleError(
@@ -348,10 +444,20 @@ def _check_fixed_size(size: SizePolicy, dims, layout: str) -> None:
         )
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception's text on one line: the CLI's error is one line, whatever ORT wrote."""
+    return " ".join(str(exc).split())
+
+
 def _default_size(dynamic: bool, dims, layout: str) -> SizePolicy:
-    if dynamic:
-        return SizePolicy(mode="dynamic")
     h_axis, w_axis = (2, 3) if layout == "NCHW" else (1, 2)
+    if dynamic:
+        # One spatial dim fixed in the file (a text-line model's height 48) stays fixed:
+        # rounding it to the multiple would feed a size the model cannot take.
+        height, width = dims[h_axis].dim_value, dims[w_axis].dim_value
+        if bool(height) != bool(width):
+            return SizePolicy(mode="dynamic", height=height or None, width=width or None)
+        return SizePolicy(mode="dynamic")
     height, width = dims[h_axis].dim_value, dims[w_axis].dim_value
     if not (height and width):
         raise BundleError("the model's spatial dims are not fixed; import it without --fixed-size "

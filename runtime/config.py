@@ -111,6 +111,36 @@ class SecuritySettings(BaseModel):
         return Path(self.keys_dir) if self.keys_dir else keys_dir()
 
 
+class CascadeSettings(BaseModel):
+    """[[cascades]]: run model `run` on each object model `on` finds (runtime/daemon/cascade.py).
+
+    The crop is the object's box made square (its longer side), grown by `margin` on each
+    side and moved by `shift_y` box heights along its "up"; with `rotate_from` = (a, b) it
+    is turned so keypoint a -> b points up (MediaPipe's palm: wrist 0 -> middle finger 2).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    on: str = Field(description="name of the served model whose objects are cropped")
+    run: str = Field(description="bundle (path or built-in name) run on each crop")
+    labels: tuple[str, ...] = Field(default=(), description="only objects with these labels")
+    min_size: float = Field(default=0.0, ge=0.0, description="shorter box side, source px")
+    max_objects: int = Field(default=4, gt=0)
+    margin: float = Field(default=0.25, ge=0.0, le=4.0)
+    shift_y: float = Field(default=0.0, ge=-2.0, le=2.0)
+    rotate_from: tuple[int, int] | None = None
+    # Re-run policy, per tracked object (the spatial tracker's ids): new track, box area
+    # grown by `rerun_growth`, or `every` frames since the last run; else the last result.
+    rerun_growth: float = Field(default=0.2, ge=0.0)
+    every: int = Field(default=1, gt=0)
+    # ROI tracking: while every object's result scores at least `track_roi`, the next
+    # frame's crops come from this frame's landmarks and model `on` is skipped; 0 = off.
+    track_roi: float = Field(default=0.0, ge=0.0, le=1.0)
+    roi_margin: float = Field(default=0.5, ge=0.0, le=4.0)
+    roi_shift_y: float = Field(default=0.0, ge=-2.0, le=2.0)
+    roi_rotate_from: tuple[int, int] | None = None
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -125,6 +155,8 @@ class ServeConfig(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # Device profile overrides, [profiles.<class>] tables (see `sightline devices`).
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # [[cascades]]: second-stage models run on a served model's objects.
+    cascades: tuple[CascadeSettings, ...] = ()
     # [cloud]: MQTT link, telemetry and OTA updates (validated by cloud_sync.agent, which
     # the daemon imports only when this table is present).
     cloud: dict[str, Any] | None = None

@@ -1,5 +1,6 @@
 """Draw what a reply carries on a frame with OpenCV: boxes, labels, landmarks, track ids,
-anchor depths and scene planes. Used by the demo and by the daemon's `annotate` option.
+anchor depths, scene planes, segmentation masks, class lists and landmark skeletons. Used
+by the demo and by the daemon's `annotate` option.
 
 `draw_reply` runs per frame in the daemon when a client asks for annotated frames, so it
 allocates one copy of the frame and draws into it in place; nothing here logs or imports
@@ -63,6 +64,9 @@ def draw_reply(image: np.ndarray, message: Mapping[str, Any], *,
         intrinsics = message.get("intrinsics")
     if pose is None:
         pose = message.get("pose")
+    if message.get("mask"):
+        _draw_mask(canvas, message["mask"])
+    skeleton = [tuple(pair) for pair in message.get("skeleton", ())]
     planes = message.get("planes")
     if planes:
         _draw_planes(canvas, planes, intrinsics, pose, thickness)
@@ -72,14 +76,57 @@ def draw_reply(image: np.ndarray, message: Mapping[str, Any], *,
             _draw_track(canvas, track, intrinsics, thickness)
     else:
         for wire in message.get("detections", ()):
-            _draw_object(canvas, wire["box"], f"{wire['label']} {wire['score']:.2f}",
-                         wire.get("landmarks", ()), BOX_COLOR, thickness)
+            _draw_object(canvas, wire["box"], _caption(wire), wire.get("landmarks", ()),
+                         BOX_COLOR, thickness)
+            for child in wire.get("children", ()):
+                _draw_skeleton(canvas, child.get("landmarks", ()), skeleton, thickness)
+                _draw_object(canvas, child["box"], _caption(child), (), PALETTE[1], thickness)
+    if message.get("classes"):
+        _draw_classes(canvas, message["classes"])
     error = message.get("spatial_error")
     if error:
         text = error if len(error) <= 90 else error[:87] + "..."
         cv2.putText(canvas, text, (8, 18), FONT, 0.45, ERROR_COLOR, 1, cv2.LINE_AA)
     _draw_note(canvas, note)
     return canvas
+
+
+def _caption(wire: Mapping[str, Any]) -> str:
+    """"face 0.92", with a cascade classifier's best class: "face 0.92 happy 0.99"."""
+    caption = f"{wire['label']} {wire['score']:.2f}"
+    if wire.get("classes"):
+        best = wire["classes"][0]
+        caption += f" {best['label']} {best['score']:.2f}"
+    return caption
+
+
+def _draw_mask(canvas: np.ndarray, wire: Mapping[str, Any]) -> None:
+    """Tint the mask's foreground (probability > 0.5, or any non-zero class) in place."""
+    from runtime.results import Mask
+
+    mask = Mask.from_wire(wire).values
+    if mask.shape != canvas.shape[:2]:
+        return
+    chosen = mask > 127 if wire.get("kind", "probability") == "probability" else mask > 0
+    tint = np.array(PALETTE[2], np.float32)
+    canvas[chosen] = (0.55 * canvas[chosen] + 0.45 * tint).astype(np.uint8)
+
+
+def _draw_skeleton(canvas: np.ndarray, points: Sequence[Sequence[float]],
+                   skeleton: Sequence[tuple[int, int]], thickness: int) -> None:
+    for a, b in skeleton:
+        if a < len(points) and b < len(points):
+            cv2.line(canvas, (round(points[a][0]), round(points[a][1])),
+                     (round(points[b][0]), round(points[b][1])), PALETTE[3], thickness,
+                     cv2.LINE_AA)
+    for x, y in points:
+        cv2.circle(canvas, (round(x), round(y)), thickness + 1, PALETTE[0], -1, cv2.LINE_AA)
+
+
+def _draw_classes(canvas: np.ndarray, classes: Sequence[Mapping[str, Any]]) -> None:
+    for row, entry in enumerate(classes[:5]):
+        cv2.putText(canvas, f"{entry['label']} {entry['score']:.2f}", (8, 40 + 22 * row), FONT,
+                    0.6, (255, 255, 255), 2, cv2.LINE_AA)
 
 
 def track_caption(track: Mapping[str, Any]) -> str:

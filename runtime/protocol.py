@@ -216,6 +216,14 @@ def encode_result(
     if result.tensors:
         message["tensors"] = {k: tensor_to_wire(v, in_source=k in result.in_source)
                               for k, v in result.tensors.items()}
+    if result.classes:
+        message["classes"] = [c.to_wire() for c in result.classes]
+    if result.mask is not None:
+        message["mask"] = result.mask.to_wire()
+    if result.skeleton:
+        message["skeleton"] = [list(pair) for pair in result.skeleton]
+    if result.detector_skipped:
+        message["detector_skipped"] = True
     if result.transform is not None:  # a v1 extension: clients ignore keys they do not know
         message["transform"] = result.transform.to_wire()
     if header.pose is not None:

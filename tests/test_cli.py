@@ -82,13 +82,15 @@ def test_import_help_shows_every_default_and_the_pad_value_flag():
     help_text = " ".join(done.stdout.split())  # undo click's wrapping
     for flag, default in [
         ("--color", "[default: rgb]"),
-        ("--scale", "[default: face: 1; detect, raw: 1/255]"),
+        ("--scale", "[default: face: 1; detect, raw, classify, segment, landmarks, ssd: 1/255]"),
         ("--mean", "[default: 0,0,0 (gray: 0)]"),
         ("--std", "[default: 1,1,1 (gray: 1)]"),
-        ("--resize", "[default: face: stretch; detect, raw: letterbox]"),
-        ("--pad-value", "[default: 114; 0<=x<=255]"),
-        ("--score", "[default: face, raw: 0.5; detect: 0.25]"),
-        ("--iou", "[default: face: 0.3; detect, raw: 0.45]"),
+        ("--resize", "[default: face, classify, landmarks: stretch; detect, raw, segment, ssd: "
+                     "letterbox]"),
+        ("--pad-value", "[default: face, detect, raw, classify, landmarks: 114; segment, ssd: 0;"),
+        ("--score", "[default: face, raw, segment, landmarks, ssd: 0.5; detect: 0.25; "
+                    "classify: 0]"),
+        ("--iou", "[default: face, ssd: 0.3; detect, raw, classify, segment, landmarks: 0.45]"),
         ("--fixed-size", "[default: dynamic spatial dims]"),
         ("--resize-to-source", "[default: none,"),
     ]:

@@ -25,13 +25,25 @@ from runtime.errors import BundleError, ConfigError, describe_validation
 @click.option("--fixed-size", metavar="WxH", cls=ShownDefault, default_text="dynamic spatial dims",
               help="Keep a fixed input size (e.g. 640x640) instead of dynamic spatial dims.")
 @dynamic_size_flags
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--fixed-height", type=click.IntRange(min=1), metavar="H",
+              help="Dynamic size with this fixed height; the width follows the frame's aspect "
+                   "(a multiple of --multiple-of, up to --max-size's width).")
+@click.option("--fixed-width", type=click.IntRange(min=1), metavar="W",
+              help="Dynamic size with this fixed width; the height follows the frame's aspect.")
+@click.option("--upscale", is_flag=True,
+              help="Dynamic size: scale frames smaller than --max-size up to it (small crops).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), cls=ShownDefault,
+              default_text="what the input's shape shows (NHWC for .tflite)")
+@click.option("--skeleton", metavar="A-B,...",
+              help="Task landmarks: point pairs the overlay joins, e.g. 0-1,1-2,2-3.")
 @bundle_flags(show_defaults=True)
 @import_flags
 def import_model(model, task, name, version, out, archive, fixed_size, multiple_of, max_size,
-                 layout, color, scale, mean, std, resize, labels, score, iou, outputs,
-                 pad_value, resize_to_source, force) -> None:
-    """Make a verified bundle from a third-party ONNX file, repairing common defects.
+                 fixed_height, fixed_width, upscale, layout, skeleton, color, scale, mean, std,
+                 resize, labels, score, iou, outputs, pad_value, resize_to_source,
+                 force) -> None:
+    """Make a verified bundle from a third-party ONNX or TFLite file, repairing common
+    defects (a .tflite model is translated to ONNX first and keeps its fixed input size).
 
     Defaults that depend on --task are shown per task. An existing bundle at --out is
     replaced only with --force.
@@ -46,16 +58,30 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
         raise BundleError(f"--out {out} already holds the bundle {existing}; add --force to "
                           "replace it (a daemon serving it keeps its loaded copy until it "
                           "restarts or is updated)")
+    if fixed_size and (fixed_height or fixed_width):
+        raise click.BadParameter("give either --fixed-size or one of --fixed-height and "
+                                 "--fixed-width", param_hint="--fixed-size")
+    if fixed_height and fixed_width:
+        raise click.BadParameter("fixing both axes is --fixed-size WxH",
+                                 param_hint="--fixed-height")
+    tflite_default = (model.suffix.lower() == ".tflite" and not fixed_size
+                      and not (fixed_height or fixed_width or upscale))
     if fixed_size:
         width, height = parse_size(fixed_size, "--fixed-size")
         size = SizePolicy(mode="fixed", width=width, height=height)
+    elif tflite_default or (_only_defaults(multiple_of, max_size)
+                            and not (fixed_height or fixed_width or upscale)):
+        size = None  # the file's own size: fixed for .tflite, an axis fixed in it stays so
     else:
         max_w, max_h = parse_size(max_size, "--max-size")
         size = SizePolicy(mode="dynamic", multiple_of=multiple_of, max_width=max_w,
-                          max_height=max_h)
-    options = _bundle_options(task, name, version, not fixed_size, size, color, scale, mean, std,
-                              resize, labels, score, iou, outputs, layout=layout,
-                              pad_value=pad_value, resize_to_source=resize_to_source)
+                          max_height=max_h, height=fixed_height, width=fixed_width,
+                          upscale=upscale)
+    options = _bundle_options(task, name, version, not (fixed_size or tflite_default), size,
+                              color, scale, mean, std, resize, labels, score, iou, outputs,
+                              layout=layout, pad_value=pad_value,
+                              resize_to_source=resize_to_source)
+    options.skeleton = _skeleton(skeleton)
     with err_console.status(f"importing {model.name}: repairing, checking, test-running ..."):
         result = import_onnx(model, options, out, replace=force)
     for repair in result.repairs:
@@ -66,6 +92,20 @@ def import_model(model, task, name, version, out, archive, fixed_size, multiple_
         _write_archive(bundle)
 
 
+def _only_defaults(multiple_of: int, max_size: str) -> bool:
+    return multiple_of == 32 and max_size.lower() == "1920x1088"
+
+
+def _skeleton(text: str | None) -> tuple[tuple[int, int], ...]:
+    if not text:
+        return ()
+    try:
+        return tuple((int(a), int(b)) for a, b in (pair.split("-") for pair in text.split(",")))
+    except ValueError:
+        raise click.BadParameter(f"expected pairs like 0-1,1-2, got {text!r}",
+                                 param_hint="--skeleton") from None
+
+
 # Manifest fields -> the flags that set them, so a validation error names what was typed.
 FLAG_NAMES = {"color": "--color", "scale": "--scale", "mean": "--mean", "std": "--std",
               "resize": "--resize", "pad_value": "--pad-value", "score": "--score",
@@ -74,7 +114,7 @@ FLAG_NAMES = {"color": "--color", "scale": "--scale", "mean": "--mean", "std": "
 
 
 def _bundle_options(task, name, version, dynamic, size, color, scale, mean, std, resize,
-                    labels, score, iou, outputs, layout="NCHW", pad_value=None,
+                    labels, score, iou, outputs, layout=None, pad_value=None,
                     resize_to_source=()):
     """ImportOptions from the bundle flags `import` and `export` share."""
     from exporters.onnx_import import TASK_DEFAULTS, ImportOptions

@@ -119,8 +119,9 @@ def import_flags(command):
 def bundle_output_flags(name_default: str):
     """--task, --name, --version, --out, --archive: what a new bundle is and where it goes."""
     flags = (
-        click.option("--task", required=True, type=click.Choice(["face", "detect", "raw"]),
-                     help="How outputs are decoded."),
+        click.option("--task", required=True, type=click.Choice(
+            ["face", "detect", "raw", "classify", "segment", "landmarks", "ssd"]),
+                     help="How outputs are decoded (docs/protocol.md §5)."),
         click.option("--name", help=f"Bundle name (default: {name_default})."),
         click.option("--version", "version", default="1", show_default=True),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path),

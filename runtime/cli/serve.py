@@ -94,7 +94,9 @@ def serve(config_path, endpoints, models, providers, threads, deadline_ms, keys_
         boot_events = store.on_boot()  # may roll back a crash-looping update before loading
         # The store's active version wins over the configured bundle once it has one.
         bundles = [store.seed(bundle) for bundle in bundles]
-    server = Server(config, bundles, engine_builder=compile_bundle)
+    cascade_bundles = {entry.run: resolve_bundle(entry.run) for entry in config.cascades}
+    server = Server(config, bundles, engine_builder=compile_bundle,
+                    cascade_bundles=cascade_bundles)
     try:
         bound = server.bind()
     except OSError as exc:

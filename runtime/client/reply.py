@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from runtime.protocol import detections_from_reply
-from runtime.results import Detection, tensor_from_wire
+from runtime.results import Classification, Detection, Mask, tensor_from_wire
 from runtime.transform import FrameTransform
 
 
@@ -34,6 +34,27 @@ class Reply:
     @property
     def detections(self) -> tuple[Detection, ...]:
         return detections_from_reply(self.message)
+
+    @property
+    def classes(self) -> tuple[Classification, ...]:
+        """A classify model's top-k, best first (docs/protocol.md §5.1.7)."""
+        return tuple(Classification.from_wire(c) for c in self.message.get("classes", ()))
+
+    def mask(self) -> Mask | None:
+        """A segment model's mask over the source frame (uint8 [h, w]; `.probability()` for
+        0-1 floats), decoded from its PNG; None when the reply has none."""
+        wire = self.message.get("mask")
+        return None if wire is None else Mask.from_wire(wire)
+
+    @property
+    def skeleton(self) -> tuple[tuple[int, int], ...]:
+        """Landmark pairs to join when drawing (a landmarks model's, or a cascade's)."""
+        return tuple((int(a), int(b)) for a, b in self.message.get("skeleton", ()))
+
+    @property
+    def detector_skipped(self) -> bool:
+        """A cascade with ROI tracking answered without running its detector."""
+        return bool(self.message.get("detector_skipped", False))
 
     @property
     def tensors(self) -> dict[str, np.ndarray]:

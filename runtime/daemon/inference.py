@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.daemon.decode import decode_depth, decode_pixels
+from runtime.daemon.decode import DecodeBuffers, decode_depth, decode_pixels
+from runtime.daemon.frame_paths import Feeds, FramePath, frame_path
 from runtime.engines import Engine
 from runtime.models.bundle import Bundle
-from runtime.models.preprocess import FrameTransform, Preprocessor
+from runtime.models.preprocess import FrameTransform
 from runtime.protocol import FrameHeader
 from runtime.results import TaskResult
-from runtime.tasks import make_decoder
 
 
 @dataclass
@@ -46,31 +46,30 @@ class LoadedModel:
 
     bundle: Bundle
     engine: Engine
-    preprocess: Preprocessor
-    decode_outputs: object
-    input_name: str
+    frames: FramePath  # feeds in, results out: Python reference or fused engine
+    jpeg_buffers: DecodeBuffers  # scaled JPEG decodes reuse these (one decoding thread)
 
     @classmethod
     def of(cls, bundle: Bundle, engine: Engine, *, buffers: int = 2) -> LoadedModel:
-        """`buffers`: input tensors kept in the preprocessing ring; it must cover every
-        frame prepared but not yet copied into the engine's batch (2 x max batch)."""
-        manifest = bundle.manifest
-        return cls(bundle, engine, Preprocessor(manifest.input, manifest.preprocess,
-                                                ring=buffers),
-                   make_decoder(manifest), manifest.input.name)
+        """`buffers`: input tensors (and scaled JPEG decodes, which a fused engine reads
+        in place) kept in a ring; it must cover every frame prepared but not yet through
+        the engine (2 x max batch)."""
+        return cls(bundle, engine, frame_path(bundle.manifest, engine, buffers=buffers),
+                   DecodeBuffers(buffers))
 
     def warm_up(self, size: tuple[int, int] = (640, 480), runs: int = 2,
                 batch: int = 1) -> float:
         """Run blank frames through the engine; returns the fastest run's seconds."""
         width, height = size
-        tensor, _ = self.preprocess(np.zeros((height, width, 3), np.uint8), "bgr")
+        feeds, _ = self.frames.feeds(np.zeros((height, width, 3), np.uint8), "bgr")
+        feeds = {name: value.copy() for name, value in feeds.items()}
         fastest = float("inf")
         for _ in range(runs):
             start = time.perf_counter()
-            self.engine.infer({self.input_name: tensor})
+            self.engine.infer(feeds)
             fastest = min(fastest, time.perf_counter() - start)
         if batch > 1:  # the first batched call allocates for its shape: not on a headset
-            self.engine.infer({self.input_name: np.concatenate([tensor] * batch)})
+            self.engine.infer(self.frames.stack([feeds] * batch))
         return fastest
 
 
@@ -79,32 +78,54 @@ class Prepared:
     model: LoadedModel  # the model this frame was prepared for; it is inferred with it too
     client: bytes
     job: FrameJob
-    tensor: np.ndarray
+    feeds: Feeds
     transform: FrameTransform
     stamps: dict[str, float]
     image: np.ndarray  # decoded frame, for the annotated reply
     depth: np.ndarray | None
 
 
+def decode_frame(model: LoadedModel, header: FrameHeader,
+                 payload: memoryview | bytes) -> tuple[np.ndarray, str]:
+    """The frame's pixels: a raw frame as a view, a JPEG at the smallest DCT scale the model
+    still loses nothing at (annotated and spatial replies work on the frame's own pixels,
+    so those decode at full size)."""
+    if header.encoding == "jpeg" and not (header.annotate or header.wants_spatial):
+        return decode_pixels(header, payload,
+                             model.frames.needed_scale(header.width, header.height),
+                             buffers=model.jpeg_buffers)
+    return decode_pixels(header, payload)
+
+
+def frame_feeds(model: LoadedModel, header: FrameHeader,
+                image: np.ndarray, color: str) -> tuple[dict, FrameTransform]:
+    """Engine feeds for a decoded frame, with the transform to the header's pixels."""
+    feeds, transform = model.frames.feeds(image, color)
+    if image.shape[1] != header.width or image.shape[0] != header.height:
+        transform = transform.for_source(header.width, header.height)
+    return feeds, transform
+
+
 def prepare(model: LoadedModel, client: bytes, job: FrameJob, taken_at: float) -> Prepared:
     """Decode and preprocess one frame; raises ProtocolError for a frame that cannot be."""
-    image, color = decode_pixels(job.header, job.payload)
-    depth = (decode_depth(job.header.depth, job.depth)
-             if job.header.depth is not None else None)
+    header = job.header
+    image, color = decode_frame(model, header, job.payload)
+    depth = (decode_depth(header.depth, job.depth) if header.depth is not None else None)
     decoded = time.time()
-    tensor, transform = model.preprocess(image, color)
+    feeds, transform = frame_feeds(model, header, image, color)
     stamps = {"received": job.received, "taken": taken_at, "decoded": decoded,
               "preprocessed": time.time()}
-    return Prepared(model, client, job, tensor, transform, stamps, image, depth)
+    return Prepared(model, client, job, feeds, transform, stamps, image, depth)
 
 
 def batches(items: list[Prepared]) -> list[list[Prepared]]:
-    """Group frames that can share one engine call: same model object, same tensor shape."""
+    """Group frames that can share one engine call: same model object, same feed shapes."""
     if len(items) <= 1:  # the usual case: no grouping to do
         return [items] if items else []
-    groups: dict[tuple[int, tuple[int, ...]], list[Prepared]] = {}
+    groups: dict[tuple, list[Prepared]] = {}
     for item in items:
-        groups.setdefault((id(item.model), item.tensor.shape), []).append(item)
+        key = (id(item.model), item.model.frames.group_key(item.feeds))
+        groups.setdefault(key, []).append(item)
     return list(groups.values())
 
 
@@ -114,22 +135,17 @@ def infer(group: list[Prepared]) -> list[TaskResult | Exception]:
     An engine failure raises (it fails the whole group); a decoder failure costs only its
     own frame and comes back in that frame's place."""
     model = group[0].model
+    frames = model.frames
     started = time.time()
-    if len(group) == 1:
-        outputs = model.engine.infer({model.input_name: group[0].tensor})
-        per_frame = [outputs]
-    else:
-        stacked = np.concatenate([item.tensor for item in group])
-        outputs = model.engine.infer({model.input_name: stacked})
-        per_frame = [{name: value[i:i + 1] for name, value in outputs.items()}
-                     for i in range(len(group))]
+    feeds = group[0].feeds if len(group) == 1 else frames.stack([item.feeds for item in group])
+    per_frame = frames.split(model.engine.infer(feeds), len(group))
     inferred = time.time()
     results = []
     for item, frame_outputs in zip(group, per_frame, strict=True):
         item.stamps["started"] = started
         item.stamps["inferred"] = inferred
         try:
-            results.append(model.decode_outputs(frame_outputs, item.transform))
+            results.append(frames.decode(frame_outputs, item.transform))
         except Exception as exc:  # a decoder bug must cost one frame, not the batch
             results.append(exc)
         item.stamps["postprocessed"] = time.time()

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 from runtime.daemon.health import STALL_S, ModelHealth, PipelineState
 from runtime.engines import Engine, EngineSettings, open_bundle_engine
-from runtime.errors import SightlineError
+from runtime.errors import SightlineError, UpdateRejected
+from runtime.fusion.open import FusedEngine, open_serving_engine
+from runtime.fusion.parity import FusionMismatch
 from runtime.models.bundle import Bundle
 
 __all__ = ["STALL_S", "ModelHealth", "PipelineState", "ServerModelHost"]
@@ -31,6 +33,25 @@ class ServerModelHost:
 
     def open_engine(self, bundle: Bundle) -> Engine:
         return open_bundle_engine(bundle, self.engine_settings, self._server.engine_builder)
+
+    def fuse(self, bundle: Bundle, engine: Engine, *, strict: bool = True) -> Engine:
+        """After validation, the engine to serve with: the fused one where the bundle's steps
+        fuse (closing `engine`), else `engine`. `strict` (an update): a fused graph that
+        disagrees with the Python reference refuses the update, before it serves; not
+        strict (a rollback): the Python steps serve instead."""
+        if self.engine_settings.fused == "off":
+            return engine
+        try:
+            served = open_serving_engine(bundle, self.engine_settings,
+                                         self._server.engine_builder, strict=strict)
+        except FusionMismatch as exc:
+            engine.close()
+            raise UpdateRejected(f"{exc}", step="validate") from None
+        if isinstance(served, FusedEngine):
+            engine.close()
+            return served
+        served.close()  # not fusable: the validated engine serves, with the Python steps
+        return engine
 
     def warm_up(self, bundle: Bundle, engine: Engine) -> None:
         from runtime.daemon.pipeline import LoadedModel

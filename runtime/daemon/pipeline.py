@@ -91,6 +91,7 @@ class ModelPipeline:
         # Frames whose 2D result is done and that wait for the spatial thread (newest wins).
         self._spatial_slots: LatestSlots[tuple[Prepared, TaskResult]] = LatestSlots()
         self.metrics = None  # runtime.daemon.metrics.Metrics when the daemon exports metrics
+        self.cascade = None  # runtime.daemon.cascade.Cascade when [[cascades]] names this model
         self._metrics_lock = threading.Lock()  # the infer and spatial threads both observe
         self._spatial = None  # SpatialStage, made at start-up
         self._spatial_lock = threading.Lock()
@@ -158,6 +159,8 @@ class ModelPipeline:
     def forget(self, client: bytes) -> None:
         self._slots.forget(client)
         self._spatial_slots.forget(client)
+        if self.cascade is not None:
+            self.cascade.forget(client)  # racy with the infer thread only for a gone client
         if self._spatial is not None:
             self._spatial.forget(client)  # racy with the spatial thread only for a gone client
 
@@ -307,7 +310,8 @@ class ModelPipeline:
     def _infer_group(self, group: list[Prepared], send: Send) -> None:
         manifest = group[0].model.bundle.manifest
         try:
-            results = infer(group)
+            # CASCADE HOOK: the cascade runs `infer` itself (or skips it: ROI tracking).
+            results = infer(group) if self.cascade is None else self.cascade.infer(group, infer)
         except Exception as exc:  # the engine failed: every frame of the call gets told
             log.error("model %s failed on %d frame(s): %s", manifest.name, len(group), exc)
             for item in group:

@@ -25,8 +25,9 @@ from runtime.daemon.identity import Headset, Identities
 from runtime.daemon.pipeline import FrameJob, ModelPipeline, prepares_ahead
 from runtime.daemon.security import HeadsetAuthenticator
 from runtime.daemon.service import Watchdog
-from runtime.engines import EngineBuilder, open_bundle_engine
+from runtime.engines import EngineBuilder
 from runtime.errors import ConfigError, ProtocolError
+from runtime.fusion.open import open_serving_engine
 from runtime.models.bundle import Bundle
 from runtime.protocol import (
     MAX_HEADER_BYTES,
@@ -82,8 +83,10 @@ class ServerCounters:
 class Server:
     def __init__(self, config: ServeConfig, bundles: list[Bundle],
                  context: zmq.Context | None = None,
-                 engine_builder: EngineBuilder | None = None) -> None:
-        """`engine_builder`: how to build a missing TensorRT engine (None: never build)."""
+                 engine_builder: EngineBuilder | None = None,
+                 cascade_bundles: dict[str, Bundle] | None = None) -> None:
+        """`engine_builder`: how to build a missing TensorRT engine (None: never build);
+        `cascade_bundles`: each [[cascades]] `run` reference, resolved to its bundle."""
         if not bundles:
             raise ValueError("a server needs at least one bundle")
         self.config = config
@@ -98,10 +101,15 @@ class Server:
             if bundle.name in self._pipelines:
                 raise ConfigError(f"two models are named {bundle.name!r}; a daemon serves each "
                                   "name once (re-import one with another --name)")
-            engine = open_bundle_engine(bundle, config.engine, engine_builder)
+            engine = open_serving_engine(bundle, config.engine, engine_builder)
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s,
                 **_pipeline_options(settings, engine, len(bundles)))
+        from runtime.daemon.cascade import attach_cascades
+
+        self._cascade_engines = attach_cascades(
+            config.cascades, self._pipelines, cascade_bundles or {},
+            lambda bundle: open_serving_engine(bundle, config.engine, engine_builder))
         self._inline: list[ModelPipeline] = []  # known once the pipelines have started
         self.default_model = bundles[0].name
         # Under CURVE a headset is its enrolled key; in plain mode, its connection.
@@ -238,6 +246,9 @@ class Server:
     def close(self) -> None:
         for pipeline in self._pipelines.values():
             pipeline.stop()
+        for engine in self._cascade_engines:  # after the pipelines: none is inferring now
+            engine.close()
+        self._cascade_engines = []
         if self.monitor is not None and self._router is not None:
             self._router.disable_monitor()
             self.monitor.close()

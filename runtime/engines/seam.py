@@ -69,6 +69,9 @@ class EngineSettings(BaseModel):
     intra_op_threads: int = Field(default=0, ge=0, description="0: one per available core")
     inter_op_threads: int = Field(default=1, ge=1)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    # auto: the bundle's preprocessing and box decoding run inside the engine as ONNX
+    # operators where they can be expressed (runtime/fusion); off: in Python (the reference).
+    fused: Literal["auto", "off"] = "auto"
     # ORT worker threads busy-wait between ops by default; that steals the cores the
     # decode/preprocess stage needs on small edge CPUs, so it is off unless asked for.
     allow_spinning: bool = False

@@ -39,7 +39,7 @@ SCHEMA_VERSION = 1
 # An archive may not unpack to more than this: a bundle is a model, not a disk filler.
 MAX_UNPACKED_BYTES = 2 * 1024**3
 
-Task = Literal["face", "detect", "raw"]
+Task = Literal["face", "detect", "raw", "classify", "segment", "landmarks", "ssd"]
 
 
 class _Strict(BaseModel):
@@ -50,18 +50,33 @@ class SizePolicy(_Strict):
     """How a frame's size becomes the model's input size."""
 
     mode: Literal["fixed", "dynamic"]
-    height: int | None = Field(default=None, gt=0, description="fixed mode: input height")
-    width: int | None = Field(default=None, gt=0, description="fixed mode: input width")
+    # Fixed mode: both. Dynamic mode: at most one, the axis that stays fixed while the other
+    # follows the frame's aspect (a text-line model: height 48, width a multiple of 16).
+    height: int | None = Field(default=None, gt=0, description="input height (fixed axis)")
+    width: int | None = Field(default=None, gt=0, description="input width (fixed axis)")
     multiple_of: int = Field(default=32, gt=0, description="dynamic mode: dims round up to this")
     max_height: int = Field(default=1088, gt=0)
     max_width: int = Field(default=1920, gt=0)
+    # Dynamic mode: frames smaller than the maximum are scaled up to it (small crops),
+    # instead of being fed at their own size.
+    upscale: bool = False
 
     @model_validator(mode="after")
     def _fixed_needs_dims(self) -> SizePolicy:
         if self.mode == "fixed" and (self.height is None or self.width is None):
             raise ValueError("a fixed size policy needs both height and width, expected "
                              "both set (or mode dynamic)")
+        if self.mode == "dynamic" and self.height is not None and self.width is not None:
+            raise ValueError("a dynamic size policy may fix one axis (height or width), "
+                             "expected at most one set (or mode fixed for both)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler):
+        data = handler(self)  # written without options added within schema 1 when unused
+        if not self.upscale:
+            data.pop("upscale", None)
+        return data
 
 
 class InputSpec(_Strict):
@@ -107,6 +122,17 @@ class Thresholds(_Strict):
     max_detections: int = Field(default=100, gt=0)
 
 
+class Anchors(_Strict):
+    """SSD anchors as MediaPipe's SsdAnchorsCalculator makes them for its palm and face
+    detectors: one grid per stride, layers of equal stride merged, `per_layer` anchors per
+    cell and layer, centres at cell centres, unit size (boxes are offsets scaled by the input).
+    """
+
+    strides: tuple[int, ...] = (8, 16, 16, 16)
+    per_layer: int = Field(default=2, gt=0)
+    keypoints: int = Field(default=7, ge=0, description="keypoints after the 4 box values")
+
+
 class OnnxFile(_Strict):
     # A plain name inside the bundle directory: a path here could read or write outside it.
     file: str = Field(default="model.onnx", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -134,6 +160,10 @@ class Manifest(_Strict):
     # Task raw: output tensors (..., H, W) the daemon crops to the letterboxed content and
     # resizes to the source frame before replying. Opt-in: it costs a resize per output.
     resize_to_source: tuple[str, ...] = ()
+    # Task landmarks: pairs of point indices the overlay joins with lines.
+    skeleton: tuple[tuple[int, int], ...] = ()
+    # Task ssd: the anchor grid the model's boxes are offsets from (MediaPipe's).
+    anchors: Anchors | None = None
 
     @field_validator("resize_to_source")
     @classmethod
@@ -153,8 +183,11 @@ class Manifest(_Strict):
         # A manifest that does not use an option added within schema 1 is written without
         # it, so daemons older than the option (extra="forbid") still accept the bundle.
         data = handler(self)
-        if not self.resize_to_source:
-            data.pop("resize_to_source", None)
+        for name in ("resize_to_source", "skeleton"):
+            if not getattr(self, name):
+                data.pop(name, None)
+        if self.anchors is None:
+            data.pop("anchors", None)
         return data
 
 

@@ -23,6 +23,7 @@ from runtime.models.bundle import Manifest
 from runtime.models.preprocess import input_size
 
 ENGINE_FILE = "engine.plan"
+FUSED_FRAME = "sightline_frame"  # runtime/fusion/prefix.py FRAME
 METADATA_FILE = "engine.json"
 
 # (input name, min shape, opt shape, max shape)
@@ -208,4 +209,8 @@ def derive_profile(manifest: Manifest, frame_size: tuple[int, int] = (640, 480),
         return (batch, channels, h, w) if manifest.input.layout == "NCHW" else (batch, h, w,
                                                                                 channels)
 
+    if manifest.source.get("fusion_resize") == "host":
+        # A fused bundle (runtime/fusion): the uint8 frame at the model's input size, with
+        # 1 (gray) or 3 channels, enters the engine instead of the float tensor.
+        return ((FUSED_FRAME, (1, *lo, 1), (1, *opt, 3), (max_batch, *hi, 3)),)
     return ((manifest.input.name, shape(1, lo), shape(1, opt), shape(max_batch, hi)),)

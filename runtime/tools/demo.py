@@ -37,13 +37,20 @@ from runtime.tools.latency import latency_table, stage_durations_ms
 
 def run_demo(*, bundle: Bundle, source: str | None, frames: int, out_dir: Path,
              fps: float = 30.0, depth: bool = False, rgbd: Path | None = None,
-             console: Console | None = None) -> dict:
-    """Stream `source` (a camera or video), a recording in `rgbd`, or the astronaut sequence
-    (with synthetic depth when `depth`) through an in-process daemon; write and print what
-    came back. Depth runs ask for tracks, 3D anchors and planes."""
+             console: Console | None = None, cascades: tuple = (),
+             cascade_bundles: dict[str, Bundle] | None = None,
+             sequence: list[DemoFrame] | None = None) -> dict:
+    """Stream `source` (a camera or video), a recording in `rgbd`, the astronaut sequence
+    (with synthetic depth when `depth`) or a given `sequence` through an in-process daemon
+    (with `cascades` on its model); write and print what came back. Depth runs ask for
+    tracks, 3D anchors and planes."""
     console = console or Console()
     console.print(f"model [bold]{bundle.name}@{bundle.version}[/] ({bundle.manifest.task})")
-    if rgbd is not None:
+    for entry in cascades:
+        console.print(f"cascade: {entry.run} on each {entry.on} object")
+    if sequence is not None:
+        pass
+    elif rgbd is not None:
         sequence = rgbd_recording(rgbd, frames)
     elif depth:
         from runtime.tools.depth_scene import astronaut_rgbd  # only depth runs need it
@@ -63,8 +70,8 @@ def run_demo(*, bundle: Bundle, source: str | None, frames: int, out_dir: Path,
         # The demo uses the real link: a throw-away daemon keypair and one enrolled headset.
         keys, client_keys = throwaway_keys(Path(tmp))
         config = ServeConfig(server=ServerSettings(endpoints=(endpoint,)),
-                             security=SecuritySettings(keys_dir=str(keys)))
-        server = Server(config, [bundle])
+                             security=SecuritySettings(keys_dir=str(keys)), cascades=cascades)
+        server = Server(config, [bundle], cascade_bundles=cascade_bundles)
         server.bind()
         stop = threading.Event()
         io_thread = threading.Thread(target=server.serve, args=(stop,), name="sightline-io")
@@ -158,6 +165,11 @@ def _write_outputs(sequence: list[DemoFrame], replies: dict[int, Reply], out_dir
             writer.write(image)
         record = {"frame": index, "kind": reply.kind if reply else None,
                   "detections": message.get("detections", [])}
+        for key in ("classes", "detector_skipped"):  # the mask is in the video, not here
+            if key in message:
+                record[key] = message[key]
+        if "mask" in message:
+            record["mask"] = {k: v for k, v in message["mask"].items() if k != "data"}
         if frame.depth is not None:
             record.update(tracks=message.get("tracks", []), planes=message.get("planes"))
             if "spatial_error" in message:
@@ -172,7 +184,8 @@ def _write_outputs(sequence: list[DemoFrame], replies: dict[int, Reply], out_dir
     results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"video": str(video_path) if video_path.exists() else None,
             "strip": str(strip_path), "results": str(results_path),
-            "frames_with_faces": sum(1 for r in records if r["detections"])}
+            "frames_with_faces": sum(1 for r in records if r["detections"]),
+            "frames_with_mask": sum(1 for r in records if "mask" in r)}
 
 
 def spatial_summary(replies: list[Reply | None]) -> dict:
@@ -257,7 +270,9 @@ def _print_report(console: Console, replies: dict[int, Reply], elapsed: float, t
         f"lost {kinds.count('lost')}, errors {kinds.count('error')}; "
         f"{len(results) / elapsed:.1f} results/s over {elapsed:.1f} s"
     )
-    console.print(f"faces found in {summary['frames_with_faces']} of {total} frames")
+    console.print(f"objects found in {summary['frames_with_faces']} of {total} frames")
+    if summary.get("frames_with_mask"):
+        console.print(f"masks in {summary['frames_with_mask']} of {total} frames")
     if "spatial" in summary:
         _print_spatial(console, summary["spatial"])
     console.print(f"annotated video: {summary['video']}\nimage strip:     {summary['strip']}\n"

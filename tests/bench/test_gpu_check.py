@@ -185,3 +185,10 @@ def test_imported_modules_lists_what_a_test_file_needs_at_import():
     assert {"numpy", "pytest", "devices", "tests"} <= gpu_check.imported_modules(
         ROOT / "tests" / "devices" / "test_cuda.py")
     assert "psutil" in gpu_check.imported_modules(ROOT / "devices" / "host.py")
+
+
+def test_fusion_step_compares_the_gpu_flavour_graph_on_a_provider_with_the_cpu(tmp_path):
+    # Run here on the CPU provider itself: the same code the GPU providers take on a GPU box.
+    detail = gpu_check.check_fusion_on_provider("CPUExecutionProvider", tmp_path)
+    assert "kept boxes over 4 frames match" in detail
+    assert int(detail.split(": ")[1].split()[0]) > 0

@@ -100,6 +100,25 @@ def test_retained_offline_status_flips_device_to_offline(device, watcher):
     assert rows[0].last_seen == 100.0
 
 
+def test_after_a_last_will_the_row_shows_what_the_device_last_said_it_served(
+        device, watcher, config):
+    served = {"centerface": {"version": "1.2", "previous": "1.1", "probation": True}}
+    device.send(A.status, status("online", 100.0, groups=["lab"], models=served, ota={
+        "update_id": "u-9", "model": "centerface", "version": "1.2", "state": "active",
+        "ts": 100.0}), retain=True)
+    device.send(A.telemetry, telemetry(101.0, 30.0, 5.0))  # m0@1: older than the status
+    wait_rows(watcher.state, lambda r: "edge-01" in r and r["edge-01"].fps is not None)
+    will = {"state": "offline", "reason": "connection-lost", "ts": 90.0,
+            "device_id": "edge-01", "groups": ["lab"]}
+    device.send(A.status, will, retain=True)
+    (row,) = wait_rows(watcher.state, lambda r: r["edge-01"].online is False)
+    assert row.models == ("centerface@1.2",) and row.ota == "centerface@1.2 active"
+    assert row.groups == ("lab",)
+    with FleetWatcher(config) as late:  # started after the Will: no version to show
+        (row,) = wait_rows(late.state, lambda r: "edge-01" in r)
+    assert row.online is False and row.models == () and row.groups == ("lab",)
+
+
 def test_newest_ota_information_wins_between_status_and_progress(device, watcher):
     state = watcher.state
     device.send(A.status, status("online", 100.0, ota={

@@ -4,6 +4,7 @@ across broker outages, persistent sessions, downlink dispatch, protocol fallback
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -74,6 +75,21 @@ def test_clean_stop_leaves_retained_offline_status(broker, link_factory, observe
     message = late.wait_for(lambda ms: ms)[0]
     assert message.retain and status(message)["state"] == "offline"
     assert "reason" not in status(message)  # said by the device itself, not its Last Will
+
+
+def test_a_clean_stop_logs_no_error(broker, link_factory, caplog):
+    # paho's network thread can run one more loop on the socket stop() just closed and
+    # log "Client is not connected" at ERROR: noise for journald alerting.
+    caplog.set_level(logging.DEBUG, logger="cloud_sync")
+    link = link_factory(broker.port)
+    link.start()
+    assert link.wait_connected(5)
+    link.publish(Channel.TELEMETRY, {"seq": 1})
+    link.stop()
+    link._client.loop(0)  # that last loop, made to happen: paho logs it, as in the race
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "cloud_sync.paho"]
+    assert any(m.startswith("Client is not connected") for _, m in logged), logged
+    assert [m for level, m in logged if level >= logging.ERROR] == []
 
 
 def test_last_will_marks_device_offline_when_its_process_is_killed(

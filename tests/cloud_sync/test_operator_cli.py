@@ -4,6 +4,7 @@ with `serve --broker`, `sightline push` with a canary, `sightline fleet`, and a 
 
 from __future__ import annotations
 
+import re
 import signal
 import stat
 import subprocess
@@ -76,7 +77,11 @@ def test_operator_pushes_a_signed_model_with_a_canary_and_the_fleet_follows(
                        if line.startswith("edge-a") and "confirmed" in line)
     assert confirmed_a < first_b
     assert headset.returncode == 0, headset_out
-    assert "versions: centerface@1.5.0 -> centerface@1.6.0" in headset_out, headset_out
+    # what README's walk-through says it prints: a line per version change, then the sum
+    assert re.search(r"^frame 1: centerface@1\.5\.0$", headset_out, re.M), headset_out
+    assert re.search(r"^frame \d+: centerface@1\.6\.0$", headset_out, re.M), headset_out
+    assert re.search(r"^\d+ frames, \d+ results, failed: none; versions: "
+                     r"centerface@1\.5\.0 -> centerface@1\.6\.0$", headset_out, re.M)
     assert "failed: none" in headset_out
 
     after = _run("fleet", "--once", "2.5", *broker_flag)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cloud_sync.commands import MqttChunks, RollbackCommand, Tolerance, UpdateCommand
+from cloud_sync.fleet import FleetState
 from cloud_sync.ota import FAILPOINT_ENV
 from cloud_sync.push import chunk_digests, make_update
 from cloud_sync.signing import generate_signing_key, load_private_key, sign
@@ -84,6 +85,37 @@ def _store_state(short_tmp: Path) -> dict:
 
 def _statuses(state: dict) -> dict[str, str]:
     return {r["version"]: r["status"] for r in state["versions"]}
+
+
+def _assert_status_tells_the_truth_after_a_kill(operator, short_tmp, observer_factory,
+                                                broker) -> None:
+    """After kill -9: the retained status is the Last Will, which names no version; the
+    last status the device sent itself names what served when it died (the store's active
+    version: the swap follows the store's commit at once), and so does the fleet view."""
+    topic = device_topics(DEVICE).status
+
+    def died(messages) -> bool:
+        own = [m for m in messages if m.topic == topic]
+        return bool(own) and json.loads(own[-1].payload)["state"] == "offline"
+
+    messages = operator.observer.wait_for(died, 10)
+    statuses = [json.loads(m.payload) for m in messages if m.topic == topic]
+    assert set(statuses[-1]) == {"state", "reason", "ts", "device_id", "groups"}
+    late = observer_factory(broker.port, [topic])
+    retained = json.loads(late.wait_for(lambda ms: ms)[0].payload)
+    assert retained["reason"] == "connection-lost" and "models" not in retained
+    said = [s for s in statuses if "models" in s][-1]
+    active = _store_state(short_tmp)["active"]
+    assert said["state"] == "online" and said["models"][MODEL]["version"] == active, said
+    fleet = FleetState()
+    for message in messages:
+        fleet.apply(message.topic, message.payload)
+    (row,) = fleet.rows()
+    assert row.online is False and row.models == (f"{MODEL}@{active}",)
+
+
+def _last_status(operator) -> dict:
+    return json.loads(operator.observer.on(device_topics(DEVICE).status)[-1].payload)
 
 
 def test_signed_update_swaps_while_a_client_streams_and_no_frame_fails(
@@ -362,11 +394,12 @@ def test_rollback_command_serves_the_previous_version_again(device, operator, sh
 
 @pytest.mark.parametrize("step", ["accepted", "downloading", "downloaded", "unpacked",
                                   "prepared", "validated", "installed"])
-def test_sigkill_before_activation_resumes_the_update_after_the_restart(device, operator,
-                                                                        short_tmp, step):
+def test_sigkill_before_activation_resumes_the_update_after_the_restart(
+        device, operator, short_tmp, step, observer_factory, broker):
     daemon = device(env={FAILPOINT_ENV: f"ota:{step}"})
     command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE, chunk_size=1024)
     assert daemon.process.wait(30) == -signal.SIGKILL
+    _assert_status_tells_the_truth_after_a_kill(operator, short_tmp, observer_factory, broker)
     daemon = device()
     done = operator.wait_state(DEVICE, command.update_id, "confirmed", "failed", "interrupted",
                                timeout=60)
@@ -375,6 +408,7 @@ def test_sigkill_before_activation_resumes_the_update_after_the_restart(device, 
                if "resumed after a restart (try 2 of 3)" in d.get("detail", "")]
     assert [d["state"] for d in resumed] == ["accepted"]
     assert _version(daemon) == "2.0"
+    assert _last_status(operator)["models"][MODEL]["version"] == "2.0"
     staging = short_tmp / "state" / "models" / ".staging"
     assert not staging.exists() or not any(staging.iterdir()), "staging left behind"
 
@@ -434,16 +468,19 @@ def test_a_clean_stop_during_the_download_pauses_the_update_and_the_restart_fini
 
 
 def test_sigkill_right_after_activation_keeps_the_new_model_on_probation(
-        device, operator, short_tmp):
+        device, operator, short_tmp, observer_factory, broker):
     daemon = device(env={FAILPOINT_ENV: "ota:active"})
     command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
     assert daemon.process.wait(30) == -signal.SIGKILL
+    _assert_status_tells_the_truth_after_a_kill(operator, short_tmp, observer_factory, broker)
     daemon = device()
     resumed = operator.wait_state(DEVICE, command.update_id, "active", timeout=30)
     assert "restarted while this version was on probation" in resumed.get("detail", "") or \
         resumed["serving"][MODEL] == "2.0"
     operator.wait_state(DEVICE, command.update_id, "confirmed", timeout=30)
     assert _version(daemon) == "2.0"
+    assert _last_status(operator)["models"][MODEL] == {"version": "2.0", "previous": "1.0",
+                                                       "probation": False}
 
 
 def _wait_resumed(operator: Operator, update_id: str, timeout: float = 30.0) -> dict:
@@ -550,12 +587,14 @@ def test_an_expired_command_is_rejected_with_the_reason(device, operator, short_
 
 
 def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
-        device, operator, short_tmp):
+        device, operator, short_tmp, observer_factory, broker):
     daemon = device(probation_s=60)
     command = operator.push(tiny_bundle(short_tmp / "v2", "2.0"), DEVICE)
     operator.wait_state(DEVICE, command.update_id, "active")
     for _ in range(2):  # two restarts on probation are tolerated...
         daemon.stop(signal.SIGKILL)
+        _assert_status_tells_the_truth_after_a_kill(operator, short_tmp, observer_factory,
+                                                    broker)
         daemon = device(probation_s=60)
         assert _version(daemon) == "2.0"
     daemon.stop(signal.SIGKILL)  # ...the third is a crash loop
@@ -563,6 +602,8 @@ def test_crash_loop_after_activation_rolls_back_to_the_last_good_model(
     rolled = operator.wait_state(DEVICE, command.update_id, "rolled_back", timeout=30)
     assert "crash loop" in rolled["detail"]
     assert _version(daemon) == "1.0"
+    # the version rolled back and rejected is not what the status names
+    assert _last_status(operator)["models"][MODEL]["version"] == "1.0"
     state = _store_state(short_tmp)
     assert _statuses(state) == {"2.0": "rejected", "1.0": "active"}
     assert "crash loop" in state["versions"][0]["reason"]

@@ -33,6 +33,23 @@ def test_a_status_with_an_undocumented_field_fails_validation():
     assert problems("status", {**status, "state": "sleeping"}) != []
 
 
+def test_the_last_will_names_no_state_that_can_go_stale():
+    will = {"state": "offline", "reason": "connection-lost", "ts": 1.0, "device_id": "d",
+            "groups": ["lab"]}
+    assert problems("status", will) == []
+    assert problems("status", {**will, "models": {}}) != []
+    assert problems("status", {**will, "state": "online"}) != []
+
+
+def test_an_update_id_that_cannot_be_a_topic_level_fails_validation():
+    command = {"type": "update", "update_id": "u-1", "model": "m", "version": "1",
+               "sha256": "0" * 64, "size": 1, "issued_at": 1.0,
+               "delivery": {"method": "http", "url": "https://x/b"}}
+    assert problems("ota-command", command) == []
+    for bad in ("a/b", "+", "-lead", "x" * 65):
+        assert problems("ota-command", {**command, "update_id": bad}) != [], bad
+
+
 def test_a_progress_document_needs_a_known_state_and_check():
     assert problems("ota-progress", {"state": "rejected", "ts": 1.0, "check": "replay"}) == []
     assert problems("ota-progress", {"state": "exploded", "ts": 1.0}) != []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync.commands import RollbackCommand
+from cloud_sync.commands import TERMINAL, RollbackCommand
 from cloud_sync.ota import OtaSettings, Updater
 from cloud_sync.probation import Probation
 from cloud_sync.push import make_update, package_bundle
@@ -37,6 +37,9 @@ class RecordingHost:
 
     def open_engine(self, bundle):
         return open_engine(bundle.onnx_path)
+
+    def fuse(self, bundle, engine, *, strict=True):
+        return engine  # the Python steps: fusion is tested in tests/runtime/test_fusion.py
 
     def warm_up(self, bundle, engine) -> None:
         pass
@@ -267,11 +270,179 @@ def test_a_pipeline_shutting_down_during_probation_keeps_the_update_and_resumes_
     assert store.state(MODEL).probation is None and store.state(MODEL).active == "2.0"
 
 
-def test_an_update_for_another_device_or_group_is_ignored(setup):
+def test_an_update_for_another_device_or_group_is_rejected_as_misaddressed(setup):
     updater, host, store, reports, archive, key = setup
-    _send(updater, key, make_update(archive, devices=["d2"], groups=["other"]))
-    time.sleep(0.5)
-    assert reports == [] and host.swaps == []
+    command = make_update(archive, devices=["d2"], groups=["other"])
+    _send(updater, key, command)
+    refused = _wait(reports, "rejected")
+    assert refused["check"] == "address" and "update_id" not in refused
+    assert refused["misaddressed"] == {"type": "update", "update_id": command.update_id,
+                                       "model": MODEL, "version": "2.0", "devices": ["d2"],
+                                       "groups": ["other"]}
+    assert "this device is d1 in groups ['lab']" in refused["detail"]
+    assert updater.last is None, "not this device's outcome"
+    _send(updater, key, command.model_copy(update={"devices": ("d1",)}))  # same id, for us
+    assert _wait(reports, "confirmed")["update_id"] == command.update_id
+    assert host.swaps == ["2.0"]
+
+
+def test_a_command_over_max_command_bytes_is_rejected_unread(setup):
+    updater, host, store, reports, archive, key = setup
+    updater.settings = OtaSettings(max_command_bytes=4096)
+    envelope = json.dumps(sign(make_update(archive, devices=["d1"]).model_dump(mode="json")
+                               | {"pad": "x" * 5000}, key)).encode()
+    updater.handle_command(envelope)
+    refused = _wait(reports, "rejected")
+    assert refused["check"] == "oversize" and "unverified" not in refused
+    assert refused["command_sha256"] == hashlib.sha256(envelope).hexdigest()
+    assert f"the command is {len(envelope)} bytes, more than ota.max_command_bytes (4096)" \
+        in refused["detail"]
+
+
+class BlockingDelivery(FileDelivery):
+    """Holds every download until `release` is set (or the updater stops)."""
+
+    def __init__(self, archive: Path) -> None:
+        super().__init__(archive)
+        self.release = threading.Event()
+
+    def fetch(self, command, dest: Path, progress, stop: threading.Event) -> None:
+        while not self.release.wait(0.05):
+            if stop.is_set():
+                from runtime.errors import UpdateRejected
+                raise UpdateRejected("stopping", step="download")
+        super().fetch(command, dest, progress, stop)
+
+
+def _wait_ended(reports, update_ids: list[str], timeout: float = 20.0) -> dict[str, dict]:
+    """update id -> its terminal report, in the order they ended, once all have ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = {r["update_id"]: r for r in list(reports)
+                 if r["state"] in TERMINAL and r.get("update_id") in update_ids}
+        if len(ended) == len(update_ids):
+            return ended
+        assert time.monotonic() < deadline, [(r.get("update_id"), r["state"]) for r in reports]
+        time.sleep(0.05)
+
+
+def _blocked_updater(store, host, trusted, archive, reports, **settings) -> Updater:
+    updater = Updater(store, host, trusted, device_id="d1", groups=("lab",),
+                      report=reports.append, deliveries={"mqtt": BlockingDelivery(archive)},
+                      settings=OtaSettings(probation_s=0.2, **settings))
+    updater.start()
+    return updater
+
+
+def _hold_one_and_queue_three(updater, key, archive, reports, tmp_path) -> tuple:
+    """Send an update the blocked delivery holds in its download, then three more (updates
+    to the version serving: they end at once when their turn comes)."""
+    running = make_update(archive, devices=["d1"])
+    _send(updater, key, running)
+    _wait(reports, "downloading")
+    same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
+                          _dir(tmp_path / "x"))
+    queued = [make_update(same, devices=["d1"]) for _ in range(3)]
+    for command in queued:
+        _send(updater, key, command)
+    return running, queued
+
+
+def test_a_full_queue_refuses_with_queue_and_does_not_remember_the_id(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    updater.stop()
+    reports.clear()
+    blocked = _blocked_updater(store, host, updater._trusted, archive, reports,
+                               max_queued_commands=2)
+    try:
+        _, queued = _hold_one_and_queue_three(blocked, key, archive, reports, tmp_path)
+        refused = _wait(reports, "rejected")
+        assert refused["check"] == "queue" and refused["update_id"] == queued[2].update_id
+        assert "2 commands are queued already (ota.max_queued_commands)" in refused["detail"]
+        assert queued[2].update_id not in blocked._replay
+        blocked._deliveries["mqtt"].release.set()
+        _wait(reports, "confirmed")
+        ended = _wait_ended(reports, [c.update_id for c in queued[:2]])
+        reports.clear()
+        _send(blocked, key, queued[2])  # the refused command, again: accepted now
+        ended |= _wait_ended(reports, [queued[2].update_id])
+        # 2.0 serves by then: each is a downgrade, refused when its turn comes
+        assert {ended[c.update_id]["check"] for c in queued} == {"downgrade"}
+    finally:
+        blocked.stop()
+    assert not list((store.root.parent / "ota" / "queue").glob("*.json"))
+
+
+def test_commands_queued_at_a_stop_run_after_the_restart(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    updater.stop()
+    reports.clear()
+    blocked = _blocked_updater(store, host, updater._trusted, archive, reports)
+    update, queued = _hold_one_and_queue_three(blocked, key, archive, reports, tmp_path)
+    blocked.stop()  # the download pauses; three commands wait
+    assert len(list((store.root.parent / "ota" / "queue").glob("*.json"))) == 3
+    again: list[dict] = []
+    restarted = _blocked_updater(store, host, updater._trusted, archive, again)
+    restarted._deliveries["mqtt"].release.set()
+    try:
+        ended = _wait_ended(again, [update.update_id] + [c.update_id for c in queued])
+    finally:
+        restarted.stop()
+    started = list(dict.fromkeys(r.get("update_id") for r in again))
+    assert started == [update.update_id] + [c.update_id for c in queued], "in order"
+    assert ended[update.update_id]["state"] == "confirmed"
+    for command in queued:  # still remembered: a replay stays a replay
+        assert command.update_id in restarted._replay
+
+
+def test_a_command_arriving_before_the_start_keeps_the_one_left_by_the_last_run(
+        setup, tmp_path):
+    # The link starts before the updater, so a command can be journaled before start().
+    updater, host, store, reports, archive, key = setup
+    updater.stop()
+    same = package_bundle(tiny_bundle(tmp_path / "again", "1.0").directory,
+                          _dir(tmp_path / "x"))
+    left, early = make_update(same, devices=["d1"]), make_update(same, devices=["d1"])
+    queue_dir = store.root.parent / "ota" / "queue"
+    queue_dir.mkdir(parents=True, exist_ok=True)
+    (queue_dir / "000000001.json").write_text(json.dumps(
+        {"command": left.model_dump(mode="json")}))
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings())
+    _send(restarted, key, early)
+    assert len(list(queue_dir.glob("*.json"))) == 2
+    restarted.start()
+    try:
+        ended = _wait_ended(again, [left.update_id, early.update_id])
+    finally:
+        restarted.stop()
+    assert {d["state"] for d in ended.values()} == {"current"}
+    assert [r["update_id"] for r in again] == [left.update_id, early.update_id]
+
+
+def test_a_rollback_the_daemon_died_in_is_reported_not_applied_twice(setup, tmp_path):
+    updater, host, store, reports, archive, key = setup
+    _send(updater, key, make_update(archive, devices=["d1"]))
+    _wait(reports, "confirmed")
+    updater.stop()
+    rollback = RollbackCommand(command_id="rb-9", model=MODEL, devices=("d1",))
+    store.rollback(MODEL, reason="rolled back by command rb-9")  # then kill -9, as it were
+    queue_dir = store.root.parent / "ota" / "queue"
+    queue_dir.mkdir(parents=True, exist_ok=True)
+    (queue_dir / "000000007.json").write_text(json.dumps(
+        {"command": rollback.model_dump(mode="json")}))
+    again: list[dict] = []
+    restarted = Updater(store, host, updater._trusted, device_id="d1", groups=("lab",),
+                        report=again.append, deliveries={}, settings=OtaSettings())
+    restarted.start()
+    try:
+        done = _wait(again, "rolled_back")
+    finally:
+        restarted.stop()
+    assert "before the restart" in done["detail"] and done["version"] == "1.0"
+    assert store.state(MODEL).active == "1.0" and host.bundle.version == "1.0"
+    assert not list(queue_dir.glob("*.json"))
 
 
 def test_the_version_already_serving_is_reported_current(setup, tmp_path):
@@ -293,8 +464,25 @@ def test_a_model_this_daemon_does_not_serve_is_rejected(setup, tmp_path):
 def test_rollback_with_nothing_earlier_fails_and_says_so(setup):
     updater, host, store, reports, archive, key = setup
     _send(updater, key, RollbackCommand(command_id="rb", model=MODEL, devices=("d1",)))
-    assert "no earlier good version" in _wait(reports, "failed")["detail"]
+    assert _wait(reports, "failed")["detail"] == (
+        "rollback: tiny@1.0 has no earlier good version to roll back to")
     assert host.swaps == []
+
+
+def test_push_ships_a_sample_of_model_tensors_under_input_and_output_keys(tmp_path):
+    import io
+    import tarfile
+
+    import numpy as np
+
+    archive = package_bundle(tiny_bundle(tmp_path / "b", "1.0").directory, _dir(tmp_path))
+    with tarfile.open(archive) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        sample = np.load(io.BytesIO(tar.extractfile(manifest["sample"]).read()))
+        # docs/mqtt.md §9.1: preprocessed model inputs and reference outputs, not frames
+        assert {k: (str(sample[k].dtype), sample[k].shape) for k in sample.files} == {
+            "input:image": ("float32", (1, 3, 64, 64)),
+            "output:features": ("float32", (1, 4, 64, 64))}
 
 
 def test_a_crash_between_confirm_and_the_journal_removal_reports_confirmed(setup):

@@ -266,7 +266,8 @@ def test_resize_to_source_of_an_output_that_is_not_a_map_is_refused(tmp_path):
 
 def test_resize_to_source_for_a_task_other_than_raw_is_refused(tmp_path):
     with pytest.raises(BundleError, match="resize_to_source: .* expected none"):
-        do_import(tmp_path, conv_relu_model(), task="detect", resize_to_source=("features",))
+        do_import(tmp_path, conv_relu_model(), task="detect", resize_to_source=("features",),
+                  outputs={"predictions": "features"})
 
 
 # -- refusals -----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_valid_manifest_keeps_every_field():
         ({"name": "has space"}, "name"),
         ({"name": "../escape"}, "name"),
         ({"version": ""}, "version"),
-        ({"task": "segment"}, "task"),
+        ({"task": "depth"}, "task"),
         ({"unexpected": 1}, "unexpected"),
         ({"onnx": {"file": "model.onnx", "sha256": "abc"}}, "sha256"),
         ({"onnx": {"file": "../model.onnx", "sha256": "0" * 64}}, "file"),
@@ -105,7 +105,7 @@ def test_gray_preprocess_takes_one_mean_and_std():
 
 
 def test_invalid_manifest_file_gives_bundle_error_with_the_field(tmp_path):
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**manifest_dict(), "task": "segment"}))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**manifest_dict(), "task": "depth"}))
     with pytest.raises(BundleError, match=r"invalid manifest(.|\n)*task"):
         read_manifest(tmp_path)
 

@@ -8,10 +8,11 @@ import time
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.daemon.decode import decode_pixels, jpeg_size
+from runtime.daemon.decode import DecodeBuffers, decode_pixels, jpeg_denominator, jpeg_size
 from runtime.errors import ProtocolError
 from runtime.protocol import ENCODINGS, ErrorCode, FrameHeader
 
@@ -202,3 +203,86 @@ def test_jpeg_of_fill_bytes_is_rejected_without_walking_the_whole_payload():
     assert jpeg_size(hostile) is None
     # a bounded walk: far under the seconds an unbounded Python loop took on this input
     assert time.perf_counter() - start < 0.5
+
+
+# -- JPEG at the scale the model needs ----------------------------------------------------------
+
+
+def photo_like(width: int, height: int) -> np.ndarray:
+    """Smooth content with detail at every scale, so a scaled decode can be compared."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.dstack([127 + 100 * np.sin(x / 23.0 + c) * np.cos(y / 17.0 - c) for c in range(3)])
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("min_scale", "denominator"), [
+    (1.0, 1), (0.6, 1), (0.5, 2), (0.3, 2), (0.25, 4), (0.2, 4), (0.125, 8), (0.01, 8), (0.0, 8),
+    (3.0, 1),
+])
+def test_jpeg_decodes_at_the_smallest_dct_scale_still_at_least_min_scale(min_scale, denominator):
+    image, order = decode_pixels(header(641, 479, "jpeg"), jpeg(photo_like(641, 479)), min_scale)
+    # libjpeg-turbo rounds scaled sizes up: the decode is never smaller than asked for
+    assert image.shape == (-(-479 // denominator), -(-641 // denominator), 3) and order == "bgr"
+    assert jpeg_denominator(min_scale) == denominator
+
+
+@pytest.mark.parametrize("denominator", [2, 4, 8])
+def test_scaled_jpeg_decode_shows_the_full_decode_shrunk(denominator):
+    source = photo_like(640, 480)
+    scaled, _ = decode_pixels(header(640, 480, "jpeg"), jpeg(source), 1.0 / denominator)
+    shrunk = cv2.resize(source, (640 // denominator, 480 // denominator),
+                        interpolation=cv2.INTER_AREA)
+    assert scaled.shape == shrunk.shape
+    assert np.abs(scaled.astype(int) - shrunk).mean() < 3  # same content, same geometry
+
+
+@quick
+@given(width=st.integers(1, 48), height=st.integers(1, 48),
+       min_scale=st.floats(0.0, 1.0), gray=st.booleans())
+def test_every_size_decodes_at_every_scale_to_the_rounded_up_size(width, height, min_scale,
+                                                                   gray):
+    source = photo_like(width, height)
+    data = jpeg(cv2.cvtColor(source, cv2.COLOR_BGR2GRAY) if gray else source)
+    image, _ = decode_pixels(header(width, height, "jpeg"), data, min_scale)
+    d = jpeg_denominator(min_scale)
+    assert image.shape == (-(-height // d), -(-width // d), 3)
+
+
+def test_raw_frames_are_full_size_views_whatever_min_scale_says():
+    payload = bytearray(64 * 48 * 3)
+    image, _ = decode_pixels(header(64, 48, "bgr8"), memoryview(payload), 0.125)
+    assert image.shape == (48, 64, 3)
+    payload[0] = 7
+    assert image.flat[0] == 7
+
+
+def test_jpeg_declaring_another_size_is_refused_before_a_scaled_decode_too():
+    assert error_code_at(header(32, 24, "jpeg"), jpeg(gradient(64, 48)), 0.25) == \
+        ErrorCode.BAD_PAYLOAD_SIZE
+
+
+def error_code_at(head: FrameHeader, payload: bytes, min_scale: float) -> str:
+    with pytest.raises(ProtocolError) as caught:
+        decode_pixels(head, payload, min_scale)
+    return caught.value.code
+
+
+def test_decode_buffers_hand_out_a_ring_of_reused_images():
+    buffers = DecodeBuffers(ring=2)
+    frames = [photo_like(64, 48), gradient(64, 48), photo_like(64, 48)[::-1].copy()]
+    images = [decode_pixels(header(64, 48, "jpeg"), jpeg(f), buffers=buffers)[0] for f in frames]
+    assert not np.shares_memory(images[0], images[1])
+    assert np.shares_memory(images[0], images[2])  # the third decode reused the first's buffer
+    assert np.abs(images[1].astype(int) - frames[1]).mean() < 3
+    assert np.abs(images[2].astype(int) - frames[2]).mean() < 3
+    small, _ = decode_pixels(header(64, 48, "jpeg"), jpeg(frames[0]), 0.5, buffers=buffers)
+    assert small.shape == (24, 32, 3)  # another size gets buffers of its own
+
+
+def test_cmyk_jpeg_decodes_to_the_bgr_opencv_gave():
+    y, x = np.mgrid[0:30, 0:41]
+    cmyk = np.dstack([x * 6, y * 8, np.full_like(x, 60), np.full_like(x, 30)]).astype(np.uint8)
+    data = simplejpeg.encode_jpeg(cmyk, quality=95, colorspace="CMYK")
+    image, order = decode_pixels(header(41, 30, "jpeg"), data)
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert order == "bgr" and np.abs(image.astype(int) - expected).max() <= 1

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from runtime.daemon.decode import decode_pixels, jpeg_denominator
 from runtime.models.bundle import InputSpec, Preprocess, SizePolicy
-from runtime.models.preprocess import FrameTransform, Preprocessor, input_size
+from runtime.models.preprocess import FrameTransform, Preprocessor, input_size, needed_scale
+from runtime.protocol import FrameHeader
 
 IDENTITY = dict(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 IMAGENET = dict(scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -320,3 +325,93 @@ def test_each_input_size_gets_buffers_of_its_own_shape():
     large, _ = preprocess(uniform(128, 96, (2, 2, 2)), "rgb")
     assert small.shape == (1, 3, 32, 64) and large.shape == (1, 3, 96, 128)
     assert np.all(small == 1.0) and np.all(large == 2.0)
+
+
+# -- decoding at a smaller scale: needed_scale and FrameTransform.for_source ------------------
+
+
+@pytest.mark.parametrize(("spec", "resize", "frame", "expected"), [
+    (fixed(640, 480), "letterbox", (1280, 720), 0.5),  # width limits: 640/1280
+    (fixed(640, 480), "stretch", (1280, 720), 480 / 720),  # each axis alone: the larger
+    (fixed(640, 480), "letterbox", (640, 480), 1.0),
+    (fixed(640, 480), "letterbox", (320, 240), 1.0),  # upscaled: from the full frame
+    (fixed(320, 320), "letterbox", (1920, 1080), 320 / 1920),
+    (dynamic(), "stretch", (640, 480), 1.0),  # dynamic: the input follows the frame
+    (dynamic(), "stretch", (3840, 2160), 1088 / 2160),  # shrunk to 1920x1088
+    (dynamic(), "letterbox", (3840, 2160), 0.5),
+])
+def test_needed_scale_is_how_far_preprocessing_shrinks_the_frame_anyway(spec, resize, frame,
+                                                                        expected):
+    assert needed_scale(spec, Preprocess(resize=resize), *frame) == pytest.approx(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(8, 4000), height=st.integers(8, 4000),
+       spec=st.sampled_from([fixed(640, 480), fixed(320, 320), fixed(96, 64), dynamic(),
+                             dynamic(multiple_of=64, max_width=640, max_height=640)]),
+       resize=st.sampled_from(["letterbox", "stretch"]))
+def test_decoding_at_the_needed_scale_gives_the_model_the_same_input_and_no_upscaling(
+        width, height, spec, resize):
+    scale = needed_scale(spec, Preprocess(resize=resize), width, height)
+    d = jpeg_denominator(scale)
+    small_w, small_h = -(-width // d), -(-height // d)
+    in_w, in_h = input_size(spec, width, height)
+    assert input_size(spec, small_w, small_h) == (in_w, in_h)
+    # what the resize makes of the smaller decode is no larger than the decode itself,
+    # unless the full frame was upscaled too (d == 1)
+    ratios = (in_w / small_w, in_h / small_h)
+    ratio = min(ratios) if resize == "letterbox" else max(ratios)
+    assert d == 1 or ratio <= 1.0 + 1e-9
+
+
+def square_frame(width: int, height: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    frame = np.full((height, width, 3), 40, np.uint8)
+    x1, y1, x2, y2 = box
+    frame[y1:y2, x1:x2] = 230
+    return frame
+
+
+@pytest.mark.parametrize("spec", [fixed(320, 320), fixed(640, 480), dynamic()])
+@pytest.mark.parametrize("resize", ["letterbox", "stretch"])
+@pytest.mark.parametrize("denominator", [2, 4, 8])
+def test_a_box_found_on_a_scaled_decode_maps_to_where_the_full_decode_puts_it(
+        spec, resize, denominator):
+    width, height, box = 1279, 721, (400, 200, 560, 296)  # odd sizes: the DCT rounds up
+    data = cv2.imencode(".jpg", square_frame(width, height, box),
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    head = FrameHeader(seq=1, capture_ts=0.0, width=width, height=height, encoding="jpeg")
+    pre = Preprocess(resize=resize, **IDENTITY)
+    found = {}
+    for d in (1, denominator):
+        image, color = decode_pixels(head, data, 1.0 / d)
+        tensor, transform = Preprocessor(spec, pre)(image, color)
+        transform = transform.for_source(width, height)
+        assert (transform.source_width, transform.source_height) == (width, height)
+        ys, xs = np.nonzero(tensor[0, 0] > 135)  # the square's pixels in the model input
+        corners = (np.array([xs.min(), xs.max() + 1.0]), np.array([ys.min(), ys.max() + 1.0]))
+        sx, sy = transform.to_source(*corners)
+        found[d] = np.array([sx[0], sy[0], sx[1], sy[1]])
+    # where the full-size decode puts the box, within a model pixel of the scaled decode
+    # (each model pixel is 1/scale source pixels) plus the DCT scaling's half pixel
+    model_pixel = max(1.0 / transform.scale_x, 1.0 / transform.scale_y)
+    assert np.abs(found[denominator] - found[1]).max() <= model_pixel + 0.5 * denominator
+    assert np.abs(found[1] - np.array(box)).max() <= model_pixel + 0.5
+
+
+def test_for_source_finds_the_dct_scale_from_the_rounded_up_size():
+    # 641 pixels at 1/8 decode to 81: the scale is 1/8, not 81/641
+    small = FrameTransform(0.5, 0.5, 0.0, 10.0, 81, 61, 40, 50)
+    full = small.for_source(641, 481)
+    assert full == FrameTransform(0.0625, 0.0625, 0.0, 10.0, 641, 481, 40, 50)
+    sx, sy = full.to_source(np.array([0.0, 20.0]), np.array([10.0, 25.0]))
+    assert sx.tolist() == [0.0, 320.0] and sy.tolist() == [0.0, 240.0]
+    assert small.for_source(81, 61) is small  # a full-size decode needs nothing
+    # a size no DCT scale gives is taken as a plain resize
+    assert small.for_source(100, 61).scale_x == pytest.approx(0.5 * 81 / 100)
+
+
+def test_for_source_keeps_the_wire_form_in_the_headers_pixels():
+    small = FrameTransform(1.0, 1.0, 0.0, 60.0, 320, 180, 320, 320)  # 1280x720 at 1/4
+    wire = small.for_source(1280, 720).to_wire()
+    assert wire["scale"] == [0.25, 0.25] and wire["pad"] == [0.0, 60.0]
+    assert wire["to_source"] == [4.0, 0.0, 0.0, 0.0, 4.0, -240.0]
