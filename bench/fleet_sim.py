@@ -267,6 +267,10 @@ class SimHost:
     def warm_up(self, bundle: Bundle, engine: SimEngine) -> None:
         pass
 
+    def fuse(self, bundle: Bundle, engine: SimEngine, *, strict: bool = True) -> SimEngine:
+        """Nothing to fuse into a stand-in engine: it serves as it is."""
+        return engine
+
     def swap(self, bundle: Bundle, engine: SimEngine) -> None:
         with self._lock:
             self._serving[bundle.name] = bundle.version
