@@ -176,14 +176,8 @@ class _Unsupported(Exception):
     """The broker refused MQTT 5: try again with 3.1.1."""
 
 
-def _make_client(config: OperatorConfig, client_id: str,
-                 protocol: MQTTProtocolVersion, session: _Session) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
-    # paho logs at ERROR what we turn into an OperatorError; without logging set up those
-    # lines would reach the operator's terminal raw. Its log is for debugging only.
-    if log.isEnabledFor(logging.DEBUG):
-        client.enable_logger(logging.getLogger("cloud_sync.paho"))
-    client.reconnect_delay_set(1, 30)
+def apply_credentials(client: mqtt.Client, config: OperatorConfig) -> None:
+    """The broker's username/password and TLS (client certificate too) on a paho client."""
     if config.username is not None:
         client.username_pw_set(config.username, config.password.get_secret_value()
                                if config.password else None)
@@ -192,6 +186,17 @@ def _make_client(config: OperatorConfig, client_id: str,
                        certfile=str(config.tls_cert) if config.tls_cert else None,
                        keyfile=str(config.tls_key) if config.tls_key else None,
                        cert_reqs=ssl.CERT_REQUIRED)
+
+
+def _make_client(config: OperatorConfig, client_id: str,
+                 protocol: MQTTProtocolVersion, session: _Session) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    # paho logs at ERROR what we turn into an OperatorError; without logging set up those
+    # lines would reach the operator's terminal raw. Its log is for debugging only.
+    if log.isEnabledFor(logging.DEBUG):
+        client.enable_logger(logging.getLogger("cloud_sync.paho"))
+    client.reconnect_delay_set(1, 30)
+    apply_credentials(client, config)
     client.on_connect = session.on_connect
     client.on_disconnect = session.on_disconnect
     client.on_subscribe = session.on_subscribe

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud_sync.operator import OperatorConfig, OperatorError
+from cloud_sync.operator import OperatorConfig, OperatorError, apply_credentials
 from cloud_sync.service.records import BatchResult, Delivered, apply_batch
 from cloud_sync.topics import Channel, fleet_filter, shared_subscription
 
@@ -87,17 +87,7 @@ class Ingest:
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.settings.client_id,
                              protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
-        config = self.broker
-        if config.username is not None:
-            client.username_pw_set(config.username, config.password.get_secret_value()
-                                   if config.password else None)
-        if config.use_tls:
-            import ssl
-
-            client.tls_set(ca_certs=str(config.tls_ca) if config.tls_ca else None,
-                           certfile=str(config.tls_cert) if config.tls_cert else None,
-                           keyfile=str(config.tls_key) if config.tls_key else None,
-                           cert_reqs=ssl.CERT_REQUIRED)
+        apply_credentials(client, self.broker)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
