@@ -85,10 +85,14 @@ def compose(model: onnx.ModelProto, manifest: Manifest, *, resize_in_graph: bool
     return fused
 
 
+_AVERAGING = frozenset({"AveragePool", "GlobalAveragePool"})
+
+
 def fold_affine(model: onnx.ModelProto, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     """Fold the per-channel pixel gain (scale/std) into the first convolutions' weights, and
     the bias (-mean/std) too where they do not pad (a padded border would see the bias as
-    zero), when the model input feeds only such Convs. Edits `model` in place; returns the
+    zero), when the model input feeds only such Convs (through average pools, for the
+    gain). Edits `model` in place; returns the
     (gain, bias) still to apply in the prefix. Saves a float pass over the frame."""
     gain, bias = gain_bias(manifest)
     if (manifest.input.layout != "NCHW" or np.any(gain == 0.0)
@@ -96,7 +100,15 @@ def fold_affine(model: onnx.ModelProto, manifest: Manifest) -> tuple[np.ndarray,
         return gain, bias
     graph = model.graph
     name = manifest.input.name
-    consumers = [n for n in graph.node if name in n.input]
+    outputs = {o.name for o in graph.output}
+    # Averaging commutes with a per-channel gain: look through average pools to the Convs.
+    pooled = False
+    while True:
+        consumers = [n for n in graph.node if name in n.input]
+        if (len(consumers) != 1 or consumers[0].op_type not in _AVERAGING
+                or consumers[0].output[0] in outputs):
+            break
+        name, pooled = consumers[0].output[0], True
     weights = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = {}
     for node in graph.node:
@@ -117,7 +129,9 @@ def fold_affine(model: onnx.ModelProto, manifest: Manifest) -> tuple[np.ndarray,
         auto = attrs.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
         return auto == "VALID" or (auto == "NOTSET" and not any(attrs.get("pads", [])))
-    fold_bias = not np.all(bias == 0.0) and all(unpadded(n) for n in consumers)
+    # (the bias does not commute with a pool that pads, so it stays in the prefix after one)
+    fold_bias = (not pooled and not np.all(bias == 0.0)
+                 and all(unpadded(n) for n in consumers))
     for node in consumers:
         w_init = weights[node.input[1]]
         w = numpy_helper.to_array(w_init).astype(np.float32)

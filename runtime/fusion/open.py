@@ -33,7 +33,7 @@ from runtime.models.assets import cache_dir
 from runtime.models.bundle import Bundle, OnnxFile, write_bundle
 
 log = logging.getLogger(__name__)
-FUSION_VERSION = "1"  # bump when the prefix/suffix builders change what they emit
+FUSION_VERSION = "2"  # bump when the prefix/suffix builders change what they emit
 
 
 @dataclass(frozen=True)

@@ -300,3 +300,14 @@ def test_normalisation_folds_into_the_first_convolution(tmp_path, pads, left):
     want = python.engine.infer(python.frames.feeds(frame, "bgr")[0])["features"]
     got = served.engine.infer(served.frames.feeds(frame, "bgr")[0])["features"]
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_the_gain_folds_through_an_average_pool_into_the_convolution(tmp_path):
+    from runtime.tools.fast_model import fast_model_bytes
+
+    model = onnx.load_from_string(fast_model_bytes(96, 64))
+    bundle = _bundle(tmp_path / "b", model, preprocess=Preprocess(color="rgb", scale=1 / 255))
+    fused, spec = fused_bundle(bundle, resize_in_graph=False, root=tmp_path / "fused")
+    ops = [n.op_type for n in onnx.load(str(fused.onnx_path)).graph.node]
+    assert ops == ["Transpose", "Gather", "Cast", "Identity", "AveragePool", "Conv"]
+    assert spec.report.frames == 4  # and the composition check passed on the folded model
