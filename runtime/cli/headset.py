@@ -12,25 +12,41 @@ from runtime.errors import SightlineError
 
 @click.command()
 @click.argument("endpoint", default="tcp://127.0.0.1:5555")
-@click.option("--timeout", type=float, default=2.0, show_default=True)
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pings to time after the first one (which lists the models and pays for "
+                   "the connection): prints their round trip, min/median/max.")
+@click.option("--timeout", type=float, default=2.0, show_default=True,
+              help="Seconds to wait for each pong.")
 @click.option("--server-key", type=click.Path(exists=True, dir_okay=False),
               help="The daemon's public key file (daemon.key), for a CURVE daemon.")
 @click.option("--client-key", type=click.Path(exists=True, dir_okay=False),
               help="An enrolled headset's .key_secret file, for a CURVE daemon.")
-def ping(endpoint: str, timeout: float, server_key, client_key) -> None:
-    """Ask a running daemon which models it serves."""
-    from runtime.client import query_info
+def ping(endpoint: str, count: int, timeout: float, server_key, client_key) -> None:
+    """Ask a running daemon which models it serves, and time the round trip of pings."""
+    import statistics
+
+    from runtime.client import ping_round_trips
 
     try:
-        reply = query_info(endpoint, timeout, server_key=server_key, client_key=client_key)
+        reply, trips = ping_round_trips(endpoint, count, timeout, server_key=server_key,
+                                        client_key=client_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if reply is None:
         raise SightlineError(f"no daemon answered at {endpoint} within {timeout} s")
+    if reply.get("type") != "pong":
+        raise SightlineError(f"the daemon at {endpoint} answered {reply.get('code')}: "
+                             f"{reply.get('message')}")
     for model in reply["models"]:
         default = " (default)" if model.get("default") else ""
         click.echo(f"{model['name']}@{model['version']}  {model['task']}  "
                    f"{model['provider']}{default}")
+    if trips:
+        ms = sorted(t * 1000 for t in trips)
+        click.echo(f"round trip over {len(ms)} pings: min {ms[0]:.3f} ms, median "
+                   f"{statistics.median(ms):.3f} ms, max {ms[-1]:.3f} ms")
+    if len(trips) < count:
+        raise SightlineError(f"ping {len(trips) + 2} got no pong within {timeout} s")
 
 
 @click.command("stream")

@@ -236,8 +236,8 @@ def test_peek_seq_gives_none_when_no_integer_seq_can_be_read_cheaply(raw):
 
 
 def _stamps() -> dict[str, float]:
-    return {"received": 100.0, "decoded": 100.001, "preprocessed": 100.004, "inferred": 100.03,
-            "postprocessed": 100.031}
+    return {"received": 100.0, "taken": 100.0005, "decoded": 100.001, "preprocessed": 100.004,
+            "started": 100.005, "inferred": 100.03, "postprocessed": 100.031}
 
 
 def test_result_reply_carries_every_documented_field():
