@@ -59,27 +59,30 @@ def slow_bundle(short_tmp):
 
 
 def test_replies_to_a_replaced_connections_frames_never_reach_its_successor(
-        daemon_factory, curve_keys):
-    daemon = daemon_factory(curve=curve_keys)
+        daemon_factory, curve_keys, slow_bundle, short_tmp):
+    config = _config(short_tmp / "c.toml", deadline_ms=5000.0)
+    daemon = daemon_factory("--model", str(slow_bundle.directory), "--config", config,
+                            curve=curve_keys)
     keys = curve_keys.client_kwargs()
     old, new = _dealer(daemon.endpoint, keys), _dealer(daemon.endpoint, keys)
     try:
-        _frame(old, 1000)  # the headset is served on `old` first
+        _frame(old, 1000, SLOW)  # the headset is served on `old` first
         assert any(r["type"] == "result" for r in _drain(old, 1000))
-        # Both stream, interleaved: `old`'s frames wait in the slot when `new`'s arrive.
-        for round_ in range(5):
-            for seq in range(3):
-                _frame(old, 1001 + 10 * round_ + seq)
-                _frame(new, 2001 + 10 * round_ + seq)
-            time.sleep(0.05)
+        # `old` has one frame in the engine and one waiting when `new` takes over.
+        _frame(old, 1001, SLOW)
+        time.sleep(0.03)
+        _frame(old, 1002, SLOW)
+        _frame(new, 2001, SLOW)
+        _frame(new, 2002, SLOW)
         got_old, got_new = _drain(old), _drain(new)
     finally:
         old.close()
         new.close()
-    assert {r["seq"] for r in got_new} <= set(range(2000, 2100)), got_new
-    assert {r["seq"] for r in got_old if r["seq"] is not None} <= set(range(1000, 1100))
-    assert any(r["type"] == "result" for r in got_new)
+    assert {r["seq"] for r in got_new} <= {2001, 2002}, got_new
+    assert {(r["seq"], r["type"]) for r in got_old} >= {(1001, "result"), (1002, "dropped"),
+                                                       (None, "error")}, got_old
     assert any(r.get("code") == "REPLACED" for r in got_old)
+    assert any(r["type"] == "result" and r["seq"] == 2002 for r in got_new)
 
 
 def test_a_ping_is_answered_while_a_slow_model_runs_even_if_inline_is_asked_for(
