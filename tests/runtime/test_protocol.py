@@ -145,6 +145,11 @@ def test_map_with_integer_keys_is_malformed():
     assert error_code(pack({0: 1, 1: 7})) == ErrorCode.MALFORMED
 
 
+def test_map_with_a_bin_key_is_malformed_even_beside_str_keys():
+    raw = msgpack.packb({**frame(), b"enc": "bgr8"}, use_bin_type=True)
+    assert error_code(raw) == ErrorCode.MALFORMED
+
+
 def test_header_over_max_header_bytes_is_malformed_without_being_decoded():
     raw = pack(frame(pad="x" * MAX_HEADER_BYTES))
     assert error_code(raw) == ErrorCode.MALFORMED

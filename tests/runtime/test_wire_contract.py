@@ -79,9 +79,12 @@ def test_replies_to_a_replaced_connections_frames_never_reach_its_successor(
         old.close()
         new.close()
     assert {r["seq"] for r in got_new} <= {2001, 2002}, got_new
-    assert {(r["seq"], r["type"]) for r in got_old} >= {(1001, "result"), (1002, "dropped"),
-                                                       (None, "error")}, got_old
-    assert any(r.get("code") == "REPLACED" for r in got_old)
+    # 1001 was in the engine when `new` took over: its result still reaches `old`. 1002 is
+    # dropped (superseded by `new`'s frame) or, if the daemon read it after `new`'s first
+    # frame (the ROUTER reads connections fairly, not in send order), answered REPLACED.
+    assert {(r["seq"], r["type"]) for r in got_old} >= {(1001, "result")}, got_old
+    assert [r["seq"] for r in got_old].count(1002) == 1, got_old
+    assert any(r.get("code") == "REPLACED" and r["seq"] is None for r in got_old), got_old
     assert any(r["type"] == "result" and r["seq"] == 2002 for r in got_new)
 
 
