@@ -5,7 +5,8 @@ Who runs what, per model (threads are named after the model):
   one engine call where the model has a batch dimension), decodes the outputs and hands
   the encoded reply to the socket-owning I/O thread over an inproc PUSH socket (ZeroMQ
   sockets are not thread-safe: each thread owns its own). Inline (one model on a CPU
-  engine), the I/O thread does this itself and replies directly: see run_inline.
+  engine that infers in under INLINE_MAX_S), the I/O thread does this itself and replies
+  directly: see run_inline. Every reply goes to the connection that sent the frame.
 - prepare (only with `prepare_ahead`): decodes and preprocesses the next frames while the
   engine runs. That pays off where inference leaves the CPU free (a GPU); on a CPU-bound
   engine it only adds a thread hand-over, so by default the infer thread prepares itself.
