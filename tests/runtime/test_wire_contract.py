@@ -53,14 +53,15 @@ def _drain(socket: zmq.Socket, quiet_ms: int = 1500, limit_s: float = 20) -> lis
 
 @pytest.fixture
 def slow_bundle(short_tmp):
-    """A raw model that takes about 200 ms a frame on the development machine."""
-    return fixed_raw_bundle(short_tmp / "slow", slow_conv_model(layers=6), "slow", "x",
+    """A raw model that takes 100 to 300 ms a frame on the development machine."""
+    return fixed_raw_bundle(short_tmp / "slow", slow_conv_model(layers=10), "slow", "x",
                             128, 128)
 
 
 def test_replies_to_a_replaced_connections_frames_never_reach_its_successor(
         daemon_factory, curve_keys, slow_bundle, short_tmp):
-    config = _config(short_tmp / "c.toml", deadline_ms=5000.0)
+    # the model on its own thread: frames are read (and slots filled) as they arrive
+    config = _config(short_tmp / "c.toml", deadline_ms=5000.0, inline_inference="off")
     daemon = daemon_factory("--model", str(slow_bundle.directory), "--config", config,
                             curve=curve_keys)
     keys = curve_keys.client_kwargs()
@@ -72,6 +73,7 @@ def test_replies_to_a_replaced_connections_frames_never_reach_its_successor(
         _frame(old, 1001, SLOW)
         time.sleep(0.03)
         _frame(old, 1002, SLOW)
+        time.sleep(0.03)  # read before `new`'s frames (the ROUTER reads fairly, not in order)
         _frame(new, 2001, SLOW)
         _frame(new, 2002, SLOW)
         got_old, got_new = _drain(old), _drain(new)
@@ -79,11 +81,10 @@ def test_replies_to_a_replaced_connections_frames_never_reach_its_successor(
         old.close()
         new.close()
     assert {r["seq"] for r in got_new} <= {2001, 2002}, got_new
-    # 1001 was in the engine when `new` took over: its result still reaches `old`. 1002 is
-    # dropped (superseded by `new`'s frame) or, if the daemon read it after `new`'s first
-    # frame (the ROUTER reads connections fairly, not in send order), answered REPLACED.
-    assert {(r["seq"], r["type"]) for r in got_old} >= {(1001, "result")}, got_old
-    assert [r["seq"] for r in got_old].count(1002) == 1, got_old
+    # 1001 was in the engine when `new` took over: its result still reaches `old`; 1002
+    # waited in the slot and `new`'s frame superseded it: `old` is told so.
+    assert {(r["seq"], r["type"]) for r in got_old} >= {(1001, "result"), (1002, "dropped")}, \
+        got_old
     assert any(r.get("code") == "REPLACED" and r["seq"] is None for r in got_old), got_old
     assert any(r["type"] == "result" and r["seq"] == 2002 for r in got_new)
 
@@ -124,7 +125,8 @@ def test_a_frame_waiting_behind_another_is_stamped_received_when_it_arrived(
     network = second.round_trip_s - (second.stamps["sent"] - second.stamps["received"])
     assert second.stamps["received"] < first.stamps["inferred"], (first.stamps, second.stamps)
     assert network < busy / 2, (network, busy)
-    assert second.stamps["decoded"] - second.stamps["received"] >= busy / 2
+    # its wait (from arriving until the engine was free) lies inside decoded - received
+    assert second.stamps["taken"] >= first.stamps["inferred"], (first.stamps, second.stamps)
 
 
 def test_a_headsets_dropped_count_is_one_count_across_idle_and_reconnects(
