@@ -58,8 +58,9 @@ class ServerSettings(BaseModel):
     prepare_ahead: Literal["auto", "on", "off"] = "auto"
     # Run the model in the thread that owns the socket, as a one-thread server would: two
     # thread hand-overs fewer per frame. "auto": when the daemon serves one model on a
-    # CPU-bound engine (with several, each needs its own thread) that infers in under half
-    # of deadline_ms (a frame arriving mid-inference waits unseen in the socket meanwhile).
+    # CPU-bound engine (with several, each needs its own thread). "auto" and "on" alike:
+    # only for a model that infers in under 1 ms, since a ping or another headset's frame
+    # arriving mid-inference waits unseen in the socket (protocol.md §4.5: pings at once).
     inline_inference: Literal["auto", "on", "off"] = "auto"
     # Prometheus /metrics endpoint as HOST:PORT (no authentication: keep it on loopback
     # or a management network); unset: no endpoint.

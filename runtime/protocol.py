@@ -19,7 +19,9 @@ PROTOCOL_VERSION = 1
 # encoding -> (channels, colour order); "jpeg" is handled separately.
 RAW_ENCODINGS = {"bgr8": (3, "bgr"), "rgb8": (3, "rgb"), "gray8": (1, "gray")}
 ENCODINGS = (*RAW_ENCODINGS, "jpeg")
-STAGES = ("received", "decoded", "preprocessed", "inferred", "postprocessed", "sent")
+# The stamps every `result` carries, in order (§8); `spatial` and `annotated` only on request.
+STAGES = ("received", "taken", "decoded", "preprocessed", "started", "inferred",
+          "postprocessed", "sent")
 MAX_HEADER_BYTES = 64 * 1024
 
 
@@ -113,6 +115,9 @@ def parse_header(raw: bytes | memoryview) -> FrameHeader | PingHeader:
         raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "header must be a msgpack map")
+    # strict_map_key lets bin keys through as bytes; §3.1 wants str keys only
+    if not all(type(key) is str for key in header):
+        raise ProtocolError(ErrorCode.MALFORMED, "header keys must be msgpack str, not bin")
     version = header.get("v")
     # 1 == True == 1.0 in Python; only the integer 1 is protocol v1.
     if not isinstance(version, int) or isinstance(version, bool) or version != PROTOCOL_VERSION:

@@ -275,3 +275,24 @@ def fixed_raw_bundle(directory: Path, model: onnx.ModelProto, name: str, input_n
         onnx=OnnxFile(sha256=hashlib.sha256(data).hexdigest()))
     return write_bundle(directory, manifest, data)
 
+
+
+def slow_conv_model(*, layers: int = 4, channels: int = 64, size: int = 128) -> onnx.ModelProto:
+    """x [1, 3, size, size] -> `layers` 3x3 convolutions of `channels` -> mean per channel
+    [1, channels]: a model that keeps the CPU busy for a while (about 2 * layers *
+    size^2 * channels^2 * 9 FLOPs) and replies with a small tensor, for tests and benches
+    of what happens while a model is busy."""
+    rng = np.random.default_rng(7)
+    nodes, initializers, previous, in_channels = [], [], "x", 3
+    for i in range(layers):
+        weight = rng.uniform(-0.1, 0.1, (channels, in_channels, 3, 3)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, f"W{i}"))
+        nodes.append(helper.make_node("Conv", [previous, f"W{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        previous, in_channels = f"c{i}", channels
+    nodes.append(helper.make_node("ReduceMean", [previous], ["mean"], axes=[2, 3], keepdims=0))
+    graph = helper.make_graph(
+        nodes, "slow_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, [1, channels])],
+        initializer=initializers)
+    return _model(graph)

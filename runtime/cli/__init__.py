@@ -23,6 +23,7 @@ COMMANDS = {
     "status": "runtime.cli.serve:status",
     "ping": "runtime.cli.headset:ping",
     "stream": "runtime.cli.headset:stream_command",
+    "conformance": "runtime.cli.headset:conformance",
     "import": "runtime.cli.bundles:import_model",
     "export": "runtime.cli.bundles:export_model",
     "info": "runtime.cli.bundles:info",

@@ -5,6 +5,7 @@ runtime.daemon or the engines, so a headset tool can ship it without the daemon'
 """
 
 from runtime.client.reply import ClientCounters, Reply
-from runtime.client.sdk import Client, apply_curve, curve_options, query_info
+from runtime.client.sdk import Client, apply_curve, curve_options, ping_round_trips, query_info
 
-__all__ = ["Client", "ClientCounters", "Reply", "apply_curve", "curve_options", "query_info"]
+__all__ = ["Client", "ClientCounters", "Reply", "apply_curve", "curve_options",
+           "ping_round_trips", "query_info"]

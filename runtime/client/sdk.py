@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -72,7 +73,9 @@ class Client:
         self._on_reply = on_reply
         self._replies: queue.Queue[Reply] = queue.Queue(maxsize=max_queued_replies)
         self._context = context or zmq.Context.instance()
-        self._seq = itertools.count(1)
+        # A random first seq (§4.3): a reply meant for an earlier connection of this
+        # headset, should one ever arrive, then matches no frame in flight.
+        self._seq = itertools.count(secrets.randbelow(2**31) + 1)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._stop = threading.Event()
@@ -383,6 +386,40 @@ def curve_options(server_key: bytes | str | Path | None,
 def apply_curve(socket: zmq.Socket, curve: tuple[bytes, Path] | None) -> None:
     if curve is not None:
         make_curve_client(socket, curve[0], curve[1])
+
+
+def ping_round_trips(endpoint: str, count: int, timeout: float = 2.0,
+                     server_key: bytes | str | Path | None = None,
+                     client_key: str | Path | None = None,
+                     ) -> tuple[dict[str, Any] | None, list[float]]:
+    """The first pong (served models; None if the daemon did not answer), then the round
+    trips in seconds of `count` more pings, one at a time on the same connection, so the
+    connection and handshake are not in them. A ping that is not answered within `timeout`
+    ends the run: the list is then shorter than `count`."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    apply_curve(socket, curve_options(server_key, client_key))
+    seqs = itertools.count(secrets.randbelow(2**31) + 1)
+    try:
+        socket.connect(endpoint)
+        first, trips = None, []
+        for i in range(count + 1):
+            seq = next(seqs)
+            started = time.perf_counter()
+            socket.send(encode_request({"type": "ping", "seq": seq}))
+            while socket.poll(int(timeout * 1000)):
+                reply = decode_reply(socket.recv())
+                if reply.get("seq") == seq:
+                    break
+            else:
+                return first, trips
+            if i == 0:
+                first = reply
+            else:
+                trips.append(time.perf_counter() - started)
+        return first, trips
+    finally:
+        socket.close()
 
 
 def query_info(endpoint: str, timeout: float = 2.0, context: zmq.Context | None = None,

@@ -3,8 +3,9 @@
 The I/O thread's table of headsets: the key each has in the pipelines' newest-frame slots,
 its frame-rate bucket and counters, and the ZeroMQ connection (routing id) that serves it
 now. Under CURVE a headset keeps all of that across reconnects; a second connection with
-the same key replaces the first (newest wins) and the old one is answered REPLACED. Only
-the I/O thread calls in; status reads the per-headset figures (ints) from a copied list.
+the same key replaces the first (newest wins) and the old one is answered REPLACED, while
+replies to the frames it sent still go to it, never to its successor. Only the I/O thread
+calls in; status reads the per-headset figures (ints) from a copied list.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class Headset:
     bad_requests: int = 0
     connections: int = 0
     replaced: int = 0
-    dropped_before: int = 0  # dropped frames of slots already forgotten (idle timeouts)
     first_seen: float = field(default_factory=time.time)
 
 
@@ -51,6 +51,9 @@ class Identities:
         # the oldest are forgotten first (their next message then counts as a new connection).
         self._replaced: OrderedDict[bytes, str] = OrderedDict()
         self._max_replaced = 4 * max_clients + 64
+        # Bad-request buckets of headsets that have sent no good frame yet: the budget holds
+        # from a connection's first message (§7.2). Bounded like _replaced.
+        self._strangers: OrderedDict[str, tuple[RateLimiter, int]] = OrderedDict()
         self.active = 0  # headsets holding a slot
 
     # -- per message ----------------------------------------------------------------------
@@ -76,8 +79,10 @@ class Identities:
                 raise ProtocolError(ErrorCode.TOO_MANY_CLIENTS,
                                     f"the daemon already serves {self.active} headsets")
             if headset is None:
+                failures, bad = self._strangers.pop(name, (None, 0))
                 headset = Headset(name, name.encode() if self.by_key else route,
-                                  RateLimiter(self._max_fps), RateLimiter(*self._bad))
+                                  RateLimiter(self._max_fps), failures or RateLimiter(*self._bad),
+                                  bad_requests=bad)
                 self._headsets[name] = headset
                 self._by_key[headset.key] = headset
             self.active += 1
@@ -108,11 +113,23 @@ class Identities:
         if headset is not None:
             headset.bad_requests += 1
             headset.failures.allow()
+            return
+        name = name if name is not None else "conn-" + route.hex()
+        failures, bad = self._strangers.pop(name, None) or (RateLimiter(*self._bad), 0)
+        failures.allow()
+        self._strangers[name] = (failures, bad + 1)
+        if len(self._strangers) > self._max_replaced:
+            self._strangers.popitem(last=False)
 
-    def route_of(self, key: bytes) -> bytes | None:
-        """Where a reply for slot key `key` goes: the headset's newest connection."""
-        headset = self._by_key.get(key)
-        return headset.route if headset is not None else None
+    def find(self, key: bytes) -> Headset | None:
+        """The headset whose slot key is `key`, if it is still known."""
+        return self._by_key.get(key)
+
+    def delivers(self, route: bytes) -> bool:
+        """Whether a pipeline's reply to a frame from `route` is sent: yes while the route
+        serves a headset, or was replaced (its own replies still reach it); no once its
+        headset was revoked or forgotten as idle."""
+        return route in self._routes or route in self._replaced
 
     # -- slow path (I/O thread, once a second) --------------------------------------------
     def idle(self, timeout_s: float) -> list[Headset]:
@@ -129,6 +146,9 @@ class Identities:
         gone = [h for n, h in self._headsets.items() if n not in names]
         for headset in gone:
             self._release(headset, keep=False)
+        if gone:
+            for route in [r for r, n in self._replaced.items() if n not in names]:
+                del self._replaced[route]  # its frames in flight are answered no more
         return gone
 
     def _release(self, headset: Headset, keep: bool) -> None:

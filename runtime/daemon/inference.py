@@ -29,6 +29,9 @@ class FrameJob:
     received: float  # server wall clock, seconds
     keepalive: object = None  # the zmq.Frames backing the buffers, kept alive until done
     depth: memoryview | bytes | None = None
+    # The connection that sent the frame: its replies go there and nowhere else (None: to
+    # the slot key, for callers without connections). docs/protocol.md §7.4.
+    route: bytes | None = None
 
 
 def batch_capacity(engine: Engine) -> int | None:

@@ -2,7 +2,9 @@
 
 A stale frame is worth nothing in AR, so a client's new frame replaces its waiting one
 (the replaced one is returned to the caller to be reported as dropped). Memory is
-bounded by the number of clients, however fast they send.
+bounded by the number of clients, however fast they send. The dropped counts live in one
+DropCounts per daemon, shared by every model's slots, so `dropped` and `result` replies
+carry the same running count for a headset (§6.2 of docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -14,10 +16,32 @@ from typing import Generic, TypeVar
 Job = TypeVar("Job")
 
 
-class LatestSlots(Generic[Job]):
+class DropCounts:
+    """Frames dropped (superseded or expired) per client key, over every model. The owner
+    of the keys forgets a count (DropCounts.forget) only when it forgets the client: under
+    CURVE a headset's count outlives its idle slots and reconnects."""
+
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[bytes, int] = {}
+
+    def add(self, client: bytes) -> int:
+        with self._lock:
+            total = self._counts[client] = self._counts.get(client, 0) + 1
+            return total
+
+    def get(self, client: bytes) -> int:
+        return self._counts.get(client, 0)  # one dict read: atomic
+
+    def forget(self, client: bytes) -> None:
+        with self._lock:
+            self._counts.pop(client, None)
+
+
+class LatestSlots(Generic[Job]):
+    def __init__(self, drops: DropCounts | None = None) -> None:
         self._pending: OrderedDict[bytes, Job] = OrderedDict()
-        self._dropped: dict[bytes, int] = {}
+        self._drops = drops if drops is not None else DropCounts()
         self._cond = threading.Condition()
 
     def put(self, client: bytes, job: Job) -> Job | None:
@@ -26,10 +50,10 @@ class LatestSlots(Generic[Job]):
             # Replacing keeps the client's place in the round-robin order.
             superseded = self._pending.get(client)
             self._pending[client] = job
-            if superseded is not None:
-                self._dropped[client] = self._dropped.get(client, 0) + 1
             self._cond.notify()
-            return superseded
+        if superseded is not None:
+            self._drops.add(client)
+        return superseded
 
     def take(self, timeout: float) -> tuple[bytes, Job] | None:
         """The next client's newest frame (oldest-waiting client first), or None on timeout."""
@@ -52,17 +76,14 @@ class LatestSlots(Generic[Job]):
         return len(self._pending)  # len() of a dict is atomic; a hint, not a promise
 
     def count_drop(self, client: bytes) -> int:
-        with self._cond:
-            self._dropped[client] = self._dropped.get(client, 0) + 1
-            return self._dropped[client]
+        return self._drops.add(client)
 
     def dropped(self, client: bytes) -> int:
-        with self._cond:
-            return self._dropped.get(client, 0)
+        return self._drops.get(client)
 
     def forget(self, client: bytes) -> Job | None:
+        """Free the client's waiting frame (its dropped count is the DropCounts owner's)."""
         with self._cond:
-            self._dropped.pop(client, None)
             return self._pending.pop(client, None)
 
     def wake(self) -> None:

@@ -5,7 +5,8 @@ Who runs what, per model (threads are named after the model):
   one engine call where the model has a batch dimension), decodes the outputs and hands
   the encoded reply to the socket-owning I/O thread over an inproc PUSH socket (ZeroMQ
   sockets are not thread-safe: each thread owns its own). Inline (one model on a CPU
-  engine), the I/O thread does this itself and replies directly: see run_inline.
+  engine that infers in under INLINE_MAX_S), the I/O thread does this itself and replies
+  directly: see run_inline. Every reply goes to the connection that sent the frame.
 - prepare (only with `prepare_ahead`): decodes and preprocesses the next frames while the
   engine runs. That pays off where inference leaves the CPU free (a GPU); on a CPU-bound
   engine it only adds a thread hand-over, so by default the infer thread prepares itself.
@@ -34,7 +35,7 @@ from runtime.daemon.inference import (
     infer,
     prepare,
 )
-from runtime.daemon.latest import LatestSlots
+from runtime.daemon.latest import DropCounts, LatestSlots
 from runtime.engines import Engine
 from runtime.errors import ProtocolError, SightlineError
 from runtime.models.bundle import Bundle
@@ -45,7 +46,16 @@ __all__ = ["FrameJob", "LoadedModel", "ModelPipeline", "PipelineCounters"]
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
-Send = Callable[[bytes, bytes], None]  # (client identity, encoded reply)
+# Inline inference only for a model quicker than this: a ping (or another headset's frame)
+# that arrives during an inline inference waits, unread, until it ends (docs/protocol.md
+# §4.5: pings are answered at once).
+INLINE_MAX_S = 0.001
+Send = Callable[[bytes, bytes], None]  # (connection routing id or slot key, encoded reply)
+
+
+def _to(client: bytes, job: FrameJob) -> bytes:
+    """Where a frame's replies go: the connection that sent it, never a successor."""
+    return job.route if job.route is not None else client
 
 
 class PipelineCounters:
@@ -69,11 +79,13 @@ def prepares_ahead(engine: Engine) -> bool:
 class ModelPipeline:
     def __init__(self, bundle: Bundle, engine: Engine, context: zmq.Context, reply_endpoint: str,
                  deadline_s: float, *, max_batch: int = 1, batch_wait_s: float = 0.0,
-                 prepare_ahead: bool | None = None, inline: bool | None = False) -> None:
-        """`inline`: no infer thread, the owner of the socket calls run_inline(); None:
-        inline if the warmed-up model infers in under half the deadline (a frame that
-        arrives during an inline inference waits in the socket, unseen, for up to one
-        inference: that must stay well inside the deadline)."""
+                 prepare_ahead: bool | None = None, inline: bool | None = False,
+                 drops: DropCounts | None = None) -> None:
+        """`inline`: no infer thread, the owner of the socket calls run_inline(); None or
+        True: inline only if the warmed-up model infers in under INLINE_MAX_S (a message
+        that arrives during an inline inference waits in the socket, unseen, until it ends:
+        pings must not wait behind a model). `drops`: the daemon's dropped counts, shared
+        by all its models (one count per headset)."""
         capacity = batch_capacity(engine)
         self.max_batch = max(1, min(max_batch, capacity or max_batch))
         self._batch_wait_s = batch_wait_s
@@ -87,9 +99,10 @@ class ModelPipeline:
         self._context = context
         self._reply_endpoint = reply_endpoint
         self._deadline_s = deadline_s
-        self._slots: LatestSlots[FrameJob] = LatestSlots()
+        drops = drops if drops is not None else DropCounts()
+        self._slots: LatestSlots[FrameJob] = LatestSlots(drops)
         # Frames whose 2D result is done and that wait for the spatial thread (newest wins).
-        self._spatial_slots: LatestSlots[tuple[Prepared, TaskResult]] = LatestSlots()
+        self._spatial_slots: LatestSlots[tuple[Prepared, TaskResult]] = LatestSlots(drops)
         self.metrics = None  # runtime.daemon.metrics.Metrics when the daemon exports metrics
         self.cascade = None  # runtime.daemon.cascade.Cascade when [[cascades]] names this model
         self._metrics_lock = threading.Lock()  # the infer and spatial threads both observe
@@ -193,8 +206,14 @@ class ModelPipeline:
         self._spatial_stage()
         if warm_up_size is not None:
             seconds = self._model.warm_up(warm_up_size, batch=self.max_batch)
-            if self.inline is None:
-                self.inline = seconds < self._deadline_s / 2
+            if self.inline is not False and seconds >= INLINE_MAX_S:
+                if self.inline:  # asked for ("on"): say why it is not honoured
+                    log.warning("model %s infers in %.1f ms: run on its own thread, not inline "
+                                "(pings and other headsets would wait behind it)",
+                                self._model.bundle.name, seconds * 1000)
+                self.inline = False
+            elif self.inline is None:
+                self.inline = seconds < min(INLINE_MAX_S, self._deadline_s / 2)
         self.inline = bool(self.inline)
         self._make_threads()
         for thread in self._threads:
@@ -269,12 +288,12 @@ class ModelPipeline:
                 prepared.append(prepare(model, client, job, taken_at))
             except ProtocolError as exc:
                 self.counters.add("errors")
-                send(client, encode_error(job.header.seq, exc.code, exc.message))
+                send(_to(client, job), encode_error(job.header.seq, exc.code, exc.message))
             except Exception as exc:  # a bug must cost one frame, never the model's thread
                 log.exception("preprocessing failed on a frame for %s", model.bundle.name)
                 self.counters.add("errors")
-                send(client, encode_error(job.header.seq, ErrorCode.INTERNAL,
-                                          f"preprocessing failed: {exc}"))
+                send(_to(client, job), encode_error(job.header.seq, ErrorCode.INTERNAL,
+                                                    f"preprocessing failed: {exc}"))
         return prepared
 
     def _expired(self, client: bytes, job: FrameJob, send: Send) -> bool:
@@ -282,7 +301,7 @@ class ModelPipeline:
             return False
         self.counters.add("expired")
         total = self._slots.count_drop(client)
-        send(client, encode_dropped(job.header.seq, "expired", total))
+        send(_to(client, job), encode_dropped(job.header.seq, "expired", total))
         return True
 
     def _next_batch(self, send: Send) -> list[Prepared]:
@@ -316,24 +335,26 @@ class ModelPipeline:
             log.error("model %s failed on %d frame(s): %s", manifest.name, len(group), exc)
             for item in group:
                 self.counters.add("errors")
-                send(item.client, encode_error(item.job.header.seq, ErrorCode.INTERNAL,
-                                               str(exc)))
+                send(_to(item.client, item.job),
+                     encode_error(item.job.header.seq, ErrorCode.INTERNAL, str(exc)))
             return
         for item, result in zip(group, results, strict=True):
             if isinstance(result, Exception):
                 log.error("model %s: output decoding failed on a frame: %s", manifest.name,
                           result)
                 self.counters.add("errors")
-                send(item.client, encode_error(item.job.header.seq, ErrorCode.INTERNAL,
-                                               f"output decoding failed: {result}"))
+                send(_to(item.client, item.job),
+                     encode_error(item.job.header.seq, ErrorCode.INTERNAL,
+                                  f"output decoding failed: {result}"))
             elif item.job.header.wants_spatial or item.job.header.annotate:
                 superseded = self._spatial_slots.put(item.client, (item, result))
                 if superseded is not None:  # the spatial thread is behind: newest wins
                     old = superseded[0]
-                    send(old.client, encode_dropped(old.job.header.seq, "superseded",
-                                                    self._slots.count_drop(old.client)))
+                    send(_to(old.client, old.job),  # counted by put(): one count per headset
+                         encode_dropped(old.job.header.seq, "superseded",
+                                        self._slots.dropped(old.client)))
             else:
-                send(item.client, self._reply(item, result, {}))
+                send(_to(item.client, item.job), self._reply(item, result, {}))
 
     def _reply(self, item: Prepared, result: TaskResult, extra: dict) -> bytes:
         manifest = item.model.bundle.manifest
@@ -361,7 +382,7 @@ class ModelPipeline:
                     self.counters.add("errors")
                     reply = encode_error(item.job.header.seq, ErrorCode.INTERNAL,
                                          f"spatial processing failed: {exc}")
-                send(client, reply)
+                send(_to(client, item.job), reply)
         finally:
             close()
 

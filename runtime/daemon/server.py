@@ -3,7 +3,8 @@
 The I/O thread owns the ROUTER socket. It validates headers, answers bad input at once
 with an error reply, and hands good frames to the model's pipeline, where the newest
 frame per client wins. Pipelines send replies back through an inproc PULL socket that
-this thread forwards, so no other thread touches the ROUTER socket.
+this thread forwards, so no other thread touches the ROUTER socket. A reply goes to the
+connection that sent its frame, never to a connection that replaced it (§7.4).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from runtime.config import ServeConfig
 from runtime.curve_keys import DAEMON_KEY_NAME, HEADSETS_DIR, make_curve_server
 from runtime.daemon.admission import ConnectionMonitor, HandshakeAdmission, RateLimiter
 from runtime.daemon.identity import Headset, Identities
+from runtime.daemon.latest import DropCounts
 from runtime.daemon.pipeline import FrameJob, ModelPipeline, prepares_ahead
 from runtime.daemon.security import HeadsetAuthenticator
 from runtime.daemon.service import Watchdog
@@ -97,6 +99,11 @@ class Server:
         settings = config.server
         self._deadline_s = settings.deadline_ms / 1000.0
         self._pipelines: dict[str, ModelPipeline] = {}
+        self._drops = DropCounts()  # one dropped count per headset, over every model
+        # Since when a message may have waited unread in the socket (an inline inference, or
+        # a read batch that stopped before the socket was empty); None: the I/O thread has
+        # been polling since the socket was last found empty. See _read_requests.
+        self._unseen_since: float | None = None
         for bundle in bundles:
             if bundle.name in self._pipelines:
                 raise ConfigError(f"two models are named {bundle.name!r}; a daemon serves each "
@@ -104,7 +111,7 @@ class Server:
             engine = open_serving_engine(bundle, config.engine, engine_builder)
             self._pipelines[bundle.name] = ModelPipeline(
                 bundle, engine, self._context, self._reply_endpoint, self._deadline_s,
-                **_pipeline_options(settings, engine, len(bundles)))
+                drops=self._drops, **_pipeline_options(settings, engine, len(bundles)))
         from runtime.daemon.cascade import attach_cascades
 
         self._cascade_engines = attach_cascades(
@@ -217,14 +224,20 @@ class Server:
         next_sweep = time.monotonic() + 1.0
         try:
             while not stop.is_set():
-                waiting = any(p.waiting() for p in self._inline)
+                # Never block while a message may wait unseen: its `received` would then
+                # take in the time this poll blocked for.
+                waiting = self._unseen_since is not None or any(p.waiting() for p in self._inline)
                 events = dict(poller.poll(0 if waiting else POLL_MS))
                 if self._replies in events:
                     self._forward_replies()
                 if self._router in events:
                     self._read_requests()
+                else:
+                    self._unseen_since = None  # the socket had nothing: nothing waited
                 for pipeline in self._inline:  # after reading: the newest frames win
-                    pipeline.run_inline(self._reply_to_slot)
+                    started = time.time()
+                    if pipeline.run_inline(self._reply_to_route) and self._unseen_since is None:
+                        self._unseen_since = started
                 if self.monitor.socket in events:
                     self.monitor.handle()
                 if time.monotonic() >= next_sweep:
@@ -267,25 +280,28 @@ class Server:
                 key, reply = self._replies.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._reply_to_slot(key, reply)
+            self._reply_to_route(key, reply)
 
-    def _reply_to_slot(self, key: bytes, reply: bytes) -> None:
-        """A pipeline's reply: under CURVE the slot key is the headset, and the reply goes to
-        its newest connection; in plain mode the key is the route."""
-        if self.identities.by_key:
-            route = self.identities.route_of(key)
-            if route is None:
-                return  # revoked or idle since: nobody to answer
-            key = route
-        self._router.send_multipart([key, reply])
+    def _reply_to_route(self, route: bytes, reply: bytes) -> None:
+        """A pipeline's reply, to the connection that sent the frame (a replaced one
+        included: it never reaches the successor, whose seqs may collide)."""
+        if self.identities.by_key and not self.identities.delivers(route):
+            return  # revoked or idle since: nobody to answer
+        self._router.send_multipart([route, reply])
 
     def _read_requests(self) -> None:
+        """Read and answer what waits in the socket. `received` is when the message was
+        read, or, where it may have waited unread (behind an inline inference or a full
+        read batch), the moment it may have started waiting: queue time in the socket is
+        the daemon's, never network (docs/protocol.md §8)."""
+        unseen_since, batch_started = self._unseen_since, time.time()
         for _ in range(256):
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                self._unseen_since = None  # found empty: nothing waits unseen now
                 return
-            received = time.time()
+            received = time.time() if unseen_since is None else unseen_since
             client = parts[0].bytes
             try:
                 self._handle(parts[0], client, parts[1:], received)
@@ -295,6 +311,8 @@ class Server:
                     self.identities.note_failure(client, self._enrolled_name(parts[0]))
                 seq = peek_seq(parts[1].buffer) if len(parts) > 1 else None
                 self._send(client, encode_error(seq, exc.code, exc.message))
+        if self._unseen_since is None:  # stopped short: what is left waited from now on
+            self._unseen_since = batch_started
 
     def _handle(self, identity: zmq.Frame, client: bytes, parts: list[zmq.Frame],
                 received: float) -> None:
@@ -345,12 +363,13 @@ class Server:
         headset.frames += 1
         self.counters.frames += 1
         job = FrameJob(header, parts[1].buffer, received, keepalive=parts[1:],
-                       depth=parts[2].buffer if header.depth is not None else None)
+                       depth=parts[2].buffer if header.depth is not None else None,
+                       route=client)
         superseded = pipeline.submit(headset.key, job)
-        if superseded is not None:
+        if superseded is not None:  # told on the connection that sent it (§7.4)
             self.counters.superseded += 1
-            self._send(client, encode_dropped(superseded.header.seq, "superseded",
-                                              self.dropped(headset)))
+            self._send(superseded.route, encode_dropped(superseded.header.seq, "superseded",
+                                                        self.dropped(headset)))
 
     def _enrolled_name(self, identity: zmq.Frame) -> str | None:
         if self._authenticator is None:
@@ -377,14 +396,15 @@ class Server:
 
     def _forget(self, headsets: list[Headset]) -> None:
         for headset in headsets:
-            headset.dropped_before = self.dropped(headset)
             for pipeline in self._pipelines.values():
                 pipeline.forget(headset.key)  # its newest-frame slot, tracker and plane cache
+            if self.identities.find(headset.key) is None:  # forgotten, not only idle
+                self._drops.forget(headset.key)
 
     def dropped(self, headset: Headset) -> int:
-        """Frames of this headset dropped (superseded or expired), over all its slots."""
-        return headset.dropped_before + sum(p.dropped(headset.key)
-                                            for p in self._pipelines.values())
+        """Frames of this headset dropped (superseded or expired), over every model: the
+        one count its `dropped` and `result` replies carry (§6.2)."""
+        return self._drops.get(headset.key)
 
     def _model_info(self) -> list[dict]:
         return [

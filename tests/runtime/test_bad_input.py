@@ -51,6 +51,10 @@ BGR_64x48 = bytes(64 * 48 * 3)
 CASES = {
     "header that is not msgpack": ([b"\xc1\xff\x00garbage", BGR_64x48], "MALFORMED"),
     "header that is a list": ([msgpack.packb([1, 2, 3]), BGR_64x48], "MALFORMED"),
+    # §3.1: keys are msgpack str; a bin key (b"...") is not, even beside valid str keys
+    "header with a bin key": ([msgpack.packb({"v": 1, "seq": 7, "w": 64, "h": 48,
+                                              "enc": "bgr8", b"extra": 1}), BGR_64x48],
+                              "MALFORMED"),
     "unknown protocol version": ([_header(v=99), BGR_64x48], "UNSUPPORTED_VERSION"),
     "missing sequence number": ([_header(seq=None), BGR_64x48], "BAD_HEADER"),
     "unknown pixel encoding": ([_header(enc="yuv420"), BGR_64x48], "BAD_HEADER"),

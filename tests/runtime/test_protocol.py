@@ -145,6 +145,11 @@ def test_map_with_integer_keys_is_malformed():
     assert error_code(pack({0: 1, 1: 7})) == ErrorCode.MALFORMED
 
 
+def test_map_with_a_bin_key_is_malformed_even_beside_str_keys():
+    raw = msgpack.packb({**frame(), b"enc": "bgr8"}, use_bin_type=True)
+    assert error_code(raw) == ErrorCode.MALFORMED
+
+
 def test_header_over_max_header_bytes_is_malformed_without_being_decoded():
     raw = pack(frame(pad="x" * MAX_HEADER_BYTES))
     assert error_code(raw) == ErrorCode.MALFORMED
@@ -236,8 +241,8 @@ def test_peek_seq_gives_none_when_no_integer_seq_can_be_read_cheaply(raw):
 
 
 def _stamps() -> dict[str, float]:
-    return {"received": 100.0, "decoded": 100.001, "preprocessed": 100.004, "inferred": 100.03,
-            "postprocessed": 100.031}
+    return {"received": 100.0, "taken": 100.0005, "decoded": 100.001, "preprocessed": 100.004,
+            "started": 100.005, "inferred": 100.03, "postprocessed": 100.031}
 
 
 def test_result_reply_carries_every_documented_field():
