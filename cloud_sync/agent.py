@@ -116,10 +116,11 @@ class CloudAgent:
             self.updater.handle_command(downlink.payload)
 
     def _report(self, document: dict[str, Any]) -> None:
-        self.link.publish(Channel.OTA_PROGRESS, document)
         # The retained status changes when what serves changes or an update ends, not on
-        # every step (a cluster replicates each retained message).
+        # every step (a cluster replicates each retained message). It goes first, and is
+        # acknowledged before the step is reported: whoever saw the step and then a kill -9
+        # finds this status, not the one before it.
         if document.get("state") in STATUS_STATES:
             self.link.update_status(**self.updater.status_fields())
-            # Before the next step: a kill -9 after it must leave this status on the broker.
             self.link.wait_status_acknowledged(self.link.config.shutdown_timeout_s)
+        self.link.publish(Channel.OTA_PROGRESS, document)
