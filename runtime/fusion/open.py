@@ -124,20 +124,41 @@ def fused_bundle(bundle: Bundle, *, resize_in_graph: bool, decode: bool = True,
     if fused is not None:
         report = _passed(directory) if not recheck else None
         if report is None:
-            report = check_fusion(bundle, onnx.load(str(fused.onnx_path)), prefix=prefix,
-                                  **options)
+            report = _checked(bundle, onnx.load(str(fused.onnx_path)), prefix, options)
         return fused, FusionSpec(resize_in_graph, decodes, digest, report)
-    model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest, **options)
+    try:
+        model = compose(onnx.load(str(bundle.onnx_path)), bundle.manifest, **options)
+    except FusionUnavailable:
+        raise
+    except Exception as exc:  # onnx's converters and checkers raise their own types
+        raise FusionUnavailable(f"the fused graph could not be built: {exc}") from exc
     data = model.SerializeToString()
     source = {**bundle.manifest.source, "fused_from": bundle.manifest.onnx.sha256,
               "fusion": digest, "fusion_resize": "graph" if resize_in_graph else "host"}
     manifest = bundle.manifest.model_copy(update={
         "onnx": OnnxFile(sha256=hashlib.sha256(data).hexdigest()), "source": source,
         "sample": None})
-    report = check_fusion(bundle, model, prefix=prefix, **options)  # before it is cached
-    fused = write_bundle(directory, manifest, data)
-    (directory / PARITY_FILE).write_text(json.dumps(asdict(report)))
+    report = _checked(bundle, model, prefix, options)  # before it is cached
+    try:
+        fused = write_bundle(directory, manifest, data)
+        (directory / PARITY_FILE).write_text(json.dumps(asdict(report)))
+    except OSError as exc:
+        raise FusionUnavailable(f"the fused model cannot be cached in {directory.parent} "
+                                f"({exc}); set SIGHTLINE_CACHE_DIR to a writable directory"
+                                ) from exc
     return fused, FusionSpec(resize_in_graph, decodes, digest, report)
+
+
+def _checked(bundle: Bundle, model: onnx.ModelProto, prefix: onnx.ModelProto | None,
+             options: dict) -> ParityReport:
+    """check_fusion, with ONNX Runtime refusing the fused graph itself made unavailable
+    (the Python steps serve) rather than a crash."""
+    try:
+        return check_fusion(bundle, model, prefix=prefix, **options)
+    except FusionMismatch:
+        raise
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        raise FusionUnavailable(f"ONNX Runtime cannot run the fused graph: {exc}") from exc
 
 
 def _cached(directory: Path) -> Bundle | None:

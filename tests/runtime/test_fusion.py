@@ -311,3 +311,18 @@ def test_the_gain_folds_through_an_average_pool_into_the_convolution(tmp_path):
     ops = [n.op_type for n in onnx.load(str(fused.onnx_path)).graph.node]
     assert ops == ["Transpose", "Gather", "Cast", "Identity", "AveragePool", "Conv"]
     assert spec.report.frames == 4  # and the composition check passed on the folded model
+
+
+def test_an_unwritable_cache_serves_the_python_steps_with_the_reason(centerface_bundle,
+                                                                    tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory should be")
+    with pytest.raises(FusionUnavailable, match="cannot be cached"):
+        fused_bundle(centerface_bundle, resize_in_graph=False, root=blocked)
+
+    def fuse(bundle, **kwargs):
+        return fused_bundle(bundle, root=blocked, **kwargs)
+
+    with caplog.at_level(logging.INFO):
+        engine = open_serving_engine(centerface_bundle, EngineSettings(), fuse=fuse)
+    assert not isinstance(engine, FusedEngine) and "SIGHTLINE_CACHE_DIR" in caplog.text
