@@ -36,6 +36,7 @@ from runtime.errors import BundleError, EngineError, SightlineError, describe_va
 from runtime.models.bundle import MANIFEST_NAME, Bundle, Manifest, read_manifest, write_bundle
 from runtime.models.preprocess import FrameTransform, Preprocessor
 from runtime.results import Detection
+from runtime.tasks.boxes import box_iou
 
 Precision = Literal["fp16", "int8"]
 
@@ -373,19 +374,6 @@ class _OutputStats:
     def result(self) -> OutputError:
         return OutputError(self.name, self.role, self.max_abs, self.sum_abs / max(1, self.count),
                            self.sum_abs / self.sum_ref if self.sum_ref > 0 else None)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of [N, 4] and [M, 4] x1y1x2y2 boxes."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def match_detections(reference: Sequence[Detection], variant: Sequence[Detection],

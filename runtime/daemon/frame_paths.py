@@ -15,7 +15,7 @@ import numpy as np
 from runtime.fusion.feeds import FusedFeeds
 from runtime.fusion.prefix import FRAME, SIZES
 from runtime.models.bundle import Manifest
-from runtime.models.preprocess import FrameTransform, Preprocessor, SourceColor, needed_scale
+from runtime.models.preprocess import FrameTransform, Preprocessor, SourceColor
 from runtime.results import TaskResult
 from runtime.tasks import make_decoder
 from runtime.tasks.kept import KeptBoxesDecoder
@@ -24,10 +24,6 @@ Feeds = dict[str, np.ndarray]
 
 
 class FramePath(Protocol):
-    fused: bool
-
-    def needed_scale(self, width: int, height: int) -> float: ...
-
     def feeds(self, image: np.ndarray, color: SourceColor) -> tuple[Feeds, FrameTransform]: ...
 
     def group_key(self, feeds: Feeds) -> tuple: ...
@@ -45,20 +41,8 @@ def _slices(outputs: dict[str, np.ndarray], count: int) -> list[dict[str, np.nda
     return [{name: value[i:i + 1] for name, value in outputs.items()} for i in range(count)]
 
 
-class _Scaled:
-    """How far a frame may be shrunk before preprocessing loses nothing (JPEG DCT scaling)."""
-
-    _manifest: Manifest
-
-    def needed_scale(self, width: int, height: int) -> float:
-        return needed_scale(self._manifest.input, self._manifest.preprocess, width, height)
-
-
-class PythonFrames(_Scaled):
-    fused = False
-
+class PythonFrames:
     def __init__(self, manifest: Manifest, *, buffers: int = 2) -> None:
-        self._manifest = manifest
         self._input = manifest.input.name
         self._preprocess = Preprocessor(manifest.input, manifest.preprocess, ring=buffers)
         self.decode = make_decoder(manifest)
@@ -77,11 +61,8 @@ class PythonFrames(_Scaled):
         return _slices(outputs, count)
 
 
-class FusedFrames(_Scaled):
-    fused = True
-
+class FusedFrames:
     def __init__(self, manifest: Manifest, *, resize_in_graph: bool, decodes: bool) -> None:
-        self._manifest = manifest
         self.feeds = FusedFeeds(manifest, resize_in_graph=resize_in_graph)
         self._kept = KeptBoxesDecoder(manifest) if decodes else None
         self.decode = self._kept or make_decoder(manifest)

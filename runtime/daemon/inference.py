@@ -17,7 +17,7 @@ from runtime.daemon.decode import DecodeBuffers, decode_depth, decode_pixels
 from runtime.daemon.frame_paths import Feeds, FramePath, frame_path
 from runtime.engines import Engine
 from runtime.models.bundle import Bundle
-from runtime.models.preprocess import FrameTransform
+from runtime.models.preprocess import FrameTransform, needed_scale
 from runtime.protocol import FrameHeader
 from runtime.results import TaskResult
 
@@ -94,9 +94,9 @@ def decode_frame(model: LoadedModel, header: FrameHeader,
     still loses nothing at (annotated and spatial replies work on the frame's own pixels,
     so those decode at full size)."""
     if header.encoding == "jpeg" and not (header.annotate or header.wants_spatial):
-        return decode_pixels(header, payload,
-                             model.frames.needed_scale(header.width, header.height),
-                             buffers=model.jpeg_buffers)
+        manifest = model.bundle.manifest
+        scale = needed_scale(manifest.input, manifest.preprocess, header.width, header.height)
+        return decode_pixels(header, payload, scale, buffers=model.jpeg_buffers)
     return decode_pixels(header, payload)
 
 

@@ -16,8 +16,10 @@ from onnx import TensorProto, helper
 
 from runtime.fusion.graph import GraphWriter
 from runtime.models.bundle import Manifest
+from runtime.models.engine_cache import FUSED_FRAME
 
-FRAME = "sightline_frame"  # uint8 [N, H, W, C]: the decoded frame, as it came
+# uint8 [N, H, W, C]: the decoded frame, as it came (the TensorRT profile names it too)
+FRAME = FUSED_FRAME
 CHANNELS = "sightline_channels"  # int64 [C_model]: source channel for each model channel
 SIZES = "sightline_sizes"  # int64 [4]: the resized (inner) image, in the model's layout
 PADS = "sightline_pads"  # int64 [8]: ONNX Pad's begin/end pads, in the model's layout

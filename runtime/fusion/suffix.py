@@ -13,17 +13,13 @@ from onnx import TensorProto, helper
 
 from runtime.fusion.graph import GraphWriter
 from runtime.models.bundle import Manifest
+from runtime.tasks.face import STRIDE
 
-BOXES = "sightline_boxes"  # float [K, 4]: x1, y1, x2, y2 in model-input pixels
-SCORES = "sightline_scores"  # float [K]
-CLASSES = "sightline_classes"  # int64 [K]
-BATCH = "sightline_batch"  # int64 [K]: which frame of the batch each row belongs to
-LANDMARKS = "sightline_landmarks"  # float [K, P, 2]: x, y in model-input pixels (face)
-
-STRIDE = 4  # CenterFace, as runtime/tasks/face.py
+# the output names the host half reads (runtime/tasks/kept.py owns them)
+from runtime.tasks.kept import BATCH, BOXES, CLASSES, LANDMARKS, SCORES
 
 
-def _outputs(names: list[str], landmarks: bool) -> list:
+def _outputs(landmarks: bool) -> list:
     infos = [helper.make_tensor_value_info(BOXES, TensorProto.FLOAT, ["kept", 4]),
              helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["kept"]),
              helper.make_tensor_value_info(CLASSES, TensorProto.INT64, ["kept"]),
@@ -127,7 +123,7 @@ def build_face_suffix(w: GraphWriter, manifest: Manifest) -> list:
     two = w.const([2], "int64")
     w.op("Concat", w.op("Unsqueeze", lm_x, two), w.op("Unsqueeze", lm_y, two), axis=2,
          outputs=[LANDMARKS])
-    return _outputs([BOXES, SCORES, CLASSES, BATCH, LANDMARKS], landmarks=True)
+    return _outputs(landmarks=True)
 
 
 def build_detect_suffix(w: GraphWriter, manifest: Manifest) -> list:
@@ -162,7 +158,7 @@ def build_detect_suffix(w: GraphWriter, manifest: Manifest) -> list:
     w.op("GatherND", scores, triple, outputs=[SCORES])
     w.op("Identity", kept_class, outputs=[CLASSES])
     w.op("Identity", kept_batch, outputs=[BATCH])
-    return _outputs([BOXES, SCORES, CLASSES, BATCH], landmarks=False)
+    return _outputs(landmarks=False)
 
 
 SUFFIXES = {"face": build_face_suffix, "detect": build_detect_suffix}

@@ -23,7 +23,7 @@ from runtime.models.bundle import Manifest
 from runtime.models.preprocess import input_size
 
 ENGINE_FILE = "engine.plan"
-FUSED_FRAME = "sightline_frame"  # runtime/fusion/prefix.py FRAME
+FUSED_FRAME = "sightline_frame"  # a fused engine's uint8 frame input (runtime/fusion)
 METADATA_FILE = "engine.json"
 
 # (input name, min shape, opt shape, max shape)

@@ -34,3 +34,16 @@ def boxes_to_source(boxes: np.ndarray, transform: FrameTransform) -> np.ndarray:
     x1, y1 = transform.to_source(boxes[:, 0], boxes[:, 1])
     x2, y2 = transform.to_source(boxes[:, 2], boxes[:, 3])
     return np.column_stack([x1, y1, x2, y2])
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of [N, 4] and [M, 4] x1y1x2y2 boxes."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)

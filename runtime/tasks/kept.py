@@ -13,7 +13,8 @@ from runtime.models.bundle import Manifest
 from runtime.models.preprocess import FrameTransform
 from runtime.results import Detection, TaskResult
 
-# Output names of the fused graph; runtime/fusion/suffix.py defines the same.
+# Output names of the fused graph (runtime/fusion/suffix.py writes them): [K, 4] boxes in
+# model-input pixels, [K] scores, classes and batch rows, [K, P, 2] landmarks (face).
 BOXES, SCORES, CLASSES, BATCH, LANDMARKS = (
     "sightline_boxes", "sightline_scores", "sightline_classes", "sightline_batch",
     "sightline_landmarks")

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from runtime.client import Client
+from runtime.tasks.boxes import box_iou
 from runtime.tools.demo_frames import astronaut_sequence
 
 FRAMES = 16
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def _stream(endpoint: str, frames: list[np.ndarray], encoding: str) -> list:
@@ -58,6 +52,6 @@ def test_fused_daemon_finds_the_same_faces_as_the_python_steps_on_the_demo_seque
     for frame_want, frame_got in zip(want, got, strict=True):
         assert len(frame_got) == len(frame_want)
         for a, b in zip(frame_want, frame_got, strict=True):
-            assert _iou(a.box, b.box) >= 0.99
+            assert box_iou(np.array([a.box]), np.array([b.box]))[0, 0] >= 0.99
             assert abs(a.score - b.score) <= 1e-4
     assert "fused into the engine" in fused.log and "fused into the engine" not in python.log
