@@ -15,13 +15,10 @@ device buffer); the NVML probe against nvidia-smi's own figures; and the engine 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.metadata
 import importlib.util
-import io
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -29,31 +26,47 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+
+# the kit's own modules, also when run as `python bench/gpu_check.py` from a plain checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gpu_engine_checks import (  # noqa: E402, F401 (the tests call them through here)
+    _TinyModel,
+    check_engine_auto,
+    check_engine_ort_provider,
+    check_engine_tensorrt,
+    check_fusion_on_provider,
+)
+from bench.gpu_kit import (  # noqa: E402, F401
+    FAILED,
+    PASSED,
+    PROJECT_MODULES,
+    SKIPPED,
+    Skip,
+    Step,
+    in_thread,
+    missing_modules,
+    run_step,
+)
+from bench.gpu_report import (  # noqa: E402, F401
+    SMI_FIELDS,
+    SMI_PLATFORM_FIELDS,
+    SMI_TEXT_FIELDS,
+    TOLERANCES,
+    compare_gpu_figures,
+    compare_platform,
+    parse_nvidia_smi_csv,
+    parse_pytest_summary,
+    render_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 BINDINGS = {"cuda-python": "cuda", "pycuda": "pycuda"}  # binding -> its top-level module
 ORT_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-# What `import runtime` and the test suite's conftest need, by module name.
-PROJECT_MODULES = ("numpy", "onnx", "onnxruntime", "cv2", "zmq", "msgpack", "click",
-                   "pydantic", "rich", "platformdirs", "paho", "prometheus_client", "psutil",
-                   "cryptography", "pytest")
 DISTRIBUTIONS = ("numpy", "torch", "cupy", "cupy-cuda12x", "cupy-cuda13x", "cuda-python",
                  "cuda-bindings", "pycuda", "nvidia-ml-py", "onnx", "onnxruntime",
                  "onnxruntime-gpu", "tensorrt", "pytest")
-SMI_FIELDS = ("index", "name", "memory.total", "memory.used", "utilization.gpu",
-              "temperature.gpu", "power.draw")
-SMI_PLATFORM_FIELDS = ("index", "name", "compute_cap", "memory.total", "driver_version")
-SMI_TEXT_FIELDS = ("name", "driver_version", "compute_cap", "uuid", "pci.bus_id")
-# NVML and nvidia-smi are sampled a moment apart, and HostProbe reads memory through
-# nvmlDeviceGetMemoryInfo (v1), whose `used` includes the driver's reserved memory that
-# nvidia-smi (v2) reports apart: used may differ by that much.
-TOLERANCES = {"memory_total_mb": 64, "memory_used_mb": 1024, "temperature_c": 3,
-              "utilization_percent": 25, "power_w": 30}
 
 
 def step_names() -> list[str]:
@@ -71,120 +84,6 @@ def step_names() -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class Step:
-    name: str
-    status: str  # PASSED | FAILED | SKIPPED
-    detail: str
-
-
-class Skip(Exception):
-    """A step that cannot run here; the message is the reason."""
-
-
-def run_step(name: str, check: Callable[[], str]) -> Step:
-    """`check` returns what it verified, raises Skip with a reason, or fails."""
-    try:
-        return Step(name, PASSED, check())
-    except Skip as skip:
-        return Step(name, SKIPPED, str(skip))
-    except Exception as exc:
-        return Step(name, FAILED, f"{type(exc).__name__}: {exc}")
-
-
-# {{{ parsing and the report (CPU-tested)
-
-def parse_nvidia_smi_csv(text: str, fields: Sequence[str] = SMI_FIELDS) -> list[dict[str, Any]]:
-    """`nvidia-smi --query-gpu=<fields> --format=csv,noheader,nounits` -> one dict per GPU;
-    numbers as float, [N/A] / [Not Supported] as None, `name` as text."""
-    rows = []
-    for record in csv.reader(io.StringIO(text), skipinitialspace=True):
-        if not record or not "".join(record).strip():
-            continue
-        if len(record) != len(fields):
-            raise ValueError(f"nvidia-smi row has {len(record)} fields, expected "
-                             f"{len(fields)}: {record}")
-        row: dict[str, Any] = {}
-        for field, raw in zip(fields, record, strict=True):
-            value = raw.strip()
-            if value.strip("[]") in ("N/A", "Not Supported", "Unknown Error", ""):
-                row[field] = None
-            elif field in SMI_TEXT_FIELDS:
-                row[field] = value
-            else:
-                row[field] = float(value.split()[0])  # tolerate units left in
-        rows.append(row)
-    return rows
-
-
-def compare_gpu_figures(ours: Any, smi: dict[str, Any]) -> list[str]:
-    """Differences beyond TOLERANCES between one HostProbe GpuFigures and one nvidia-smi
-    row; figures either side lacks are not compared."""
-    pairs = {"memory_total_mb": "memory.total", "memory_used_mb": "memory.used",
-             "temperature_c": "temperature.gpu", "utilization_percent": "utilization.gpu",
-             "power_w": "power.draw"}
-    problems = []
-    if ours.name != smi["name"]:
-        problems.append(f"name: NVML {ours.name!r}, nvidia-smi {smi['name']!r}")
-    for attribute, column in pairs.items():
-        mine, theirs = getattr(ours, attribute), smi.get(column)
-        if mine is not None and theirs is not None and abs(mine - theirs) > TOLERANCES[attribute]:
-            problems.append(f"{attribute}: NVML {mine}, nvidia-smi {theirs} "
-                            f"(tolerance {TOLERANCES[attribute]})")
-    return problems
-
-
-def compare_platform(gpus: Sequence[Any], driver: str | None,
-                     smi: Sequence[dict[str, Any]]) -> list[str]:
-    """Differences between devices.platform's GPU list (GpuInfo) and driver version and
-    nvidia-smi's index,name,compute_cap,memory.total,driver_version rows."""
-    problems = []
-    if len(gpus) != len(smi):
-        problems.append(f"devices.platform lists {len(gpus)} GPUs, nvidia-smi {len(smi)}")
-    if smi and driver != smi[0]["driver_version"]:
-        problems.append(f"driver: ours {driver!r}, nvidia-smi {smi[0]['driver_version']!r}")
-    for ours, theirs in zip(gpus, smi, strict=False):
-        capability = "sm_" + str(theirs["compute_cap"]).replace(".", "")
-        if (ours.name, ours.compute_capability) != (theirs["name"], capability):
-            problems.append(f"GPU {ours.index}: ours {ours.name} {ours.compute_capability}, "
-                            f"nvidia-smi {theirs['name']} {capability}")
-        if abs(ours.memory_mb - (theirs["memory.total"] or 0)) > TOLERANCES["memory_total_mb"]:
-            problems.append(f"GPU {ours.index}: memory {ours.memory_mb} MiB, nvidia-smi "
-                            f"{theirs['memory.total']}")
-    return problems
-
-
-def parse_pytest_summary(output: str) -> dict[str, int]:
-    """pytest's last line ("1 failed, 3 passed, 2 skipped in 1.0s") -> counts by outcome."""
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    if not lines:
-        return {}
-    counts: dict[str, int] = {}
-    for number, outcome in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|"
-                                      r"xfailed|xpassed)", lines[-1]):
-        counts["error" if outcome.startswith("error") else outcome] = int(number)
-    return counts
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
-
-
-def render_report(steps: Sequence[Step], facts: dict[str, str], started: datetime,
-                  seconds: float) -> str:
-    totals = {status: sum(s.status == status for s in steps)
-              for status in (PASSED, FAILED, SKIPPED)}
-    lines = ["# Sightline GPU check", "",
-             f"{started:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s; "
-             f"{totals[PASSED]} passed, {totals[FAILED]} failed, {totals[SKIPPED]} skipped.",
-             "", "| Step | Result | Detail |", "|---|---|---|"]
-    lines += [f"| {_cell(s.name)} | {s.status} | {_cell(s.detail)} |" for s in steps]
-    lines += ["", "## Machine", ""]
-    lines += [f"- {key}: {value}" for key, value in facts.items()]
-    return "\n".join(lines) + "\n"
-
-
-# }}}
 
 # {{{ the machine
 
@@ -208,10 +107,6 @@ def _smi_lists_a_gpu() -> bool:
         return "GPU " in nvidia_smi("-L")
     except (Skip, RuntimeError, OSError, subprocess.TimeoutExpired):
         return False
-
-
-def missing_modules(names: Sequence[str] = PROJECT_MODULES) -> list[str]:
-    return [name for name in names if importlib.util.find_spec(name) is None]
 
 
 def nvidia_smi(*args: str, timeout: float = 20) -> str:
@@ -255,28 +150,6 @@ def machine_facts() -> dict[str, str]:
 # }}}
 
 # {{{ the checks (GPU)
-
-def in_thread(name: str, fn: Callable[[], Any], timeout: float = 60) -> Any:
-    """Run `fn` on a named thread (as the daemon's infer thread runs engines); its result or
-    its exception."""
-    result: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"{name} did not finish within {timeout} s")
-    if errors:
-        raise errors[0]
-    return result[0] if result else None
-
 
 def run_gpu_tests(timeout: float) -> str:
     if importlib.util.find_spec("pytest") is None:
@@ -476,140 +349,6 @@ def check_nvml_against_nvidia_smi() -> str:
     if problems:
         raise AssertionError("; ".join(problems) + "\n" + "\n".join(seen))
     return "\n".join(seen)
-
-
-class _TinyModel:
-    """A Conv+Relu bundle (tests/onnx_models.py) and its ONNX Runtime CPU reference output."""
-
-    def __init__(self, work: Path) -> None:
-        missing = missing_modules(PROJECT_MODULES[:-1])
-        if missing:
-            raise Skip(f"project dependencies missing here: {', '.join(missing)}")
-        import numpy as np
-
-        from exporters.onnx_import import ImportOptions, import_onnx
-        from runtime.engines import EngineSettings, open_engine
-        from tests.onnx_models import conv_relu_model, save
-
-        source = save(conv_relu_model(), work / "conv.onnx")
-        self.bundle = import_onnx(source, ImportOptions(task="raw", name="gpu-check-conv"),
-                                  work / "bundle").bundle
-        self.input = self.bundle.manifest.input.name
-        self.tensor = np.random.default_rng(3).random((1, 3, 96, 128), dtype=np.float32)
-        cpu = open_engine(self.bundle.onnx_path,
-                          EngineSettings(providers=("CPUExecutionProvider",)))
-        self.reference = cpu.infer({self.input: self.tensor})
-        cpu.close()
-
-    def serve_and_compare(self, engine: Any, atol: float) -> str:
-        import numpy as np
-
-        provider = engine.provider
-        try:
-            outputs = in_thread("sightline-infer-gpucheck",
-                                lambda: [engine.infer({self.input: self.tensor})
-                                         for _ in range(3)])
-        finally:
-            engine.close()
-        worst = 0.0
-        for result in outputs:
-            for name, expected in self.reference.items():
-                np.testing.assert_allclose(result[name], expected, atol=atol, rtol=atol)
-                worst = max(worst, float(np.max(np.abs(result[name] - expected))))
-        return (f"{provider}: 3 calls on the infer thread match ONNX Runtime CPU "
-                f"(max |diff| {worst:.2e}, atol {atol})")
-
-
-def check_engine_auto(model: Callable[[], _TinyModel], work: Path) -> str:
-    tiny = model()  # first: it skips where the project's dependencies are missing
-    from runtime.engines import EngineSettings, open_bundle_engine
-
-    engine = open_bundle_engine(tiny.bundle, EngineSettings(engine_cache=str(work / "engines")))
-    return "auto chose " + tiny.serve_and_compare(engine, atol=1e-2)
-
-
-def check_engine_tensorrt(model: Callable[[], _TinyModel], work: Path) -> str:
-    if importlib.util.find_spec("tensorrt") is None:
-        raise Skip("TensorRT is not installed (pip install 'sightline[tensorrt]')")
-    tiny = model()
-    from exporters.tensorrt_build import compile_bundle
-    from runtime.engines import EngineSettings, open_bundle_engine
-
-    settings = EngineSettings(backend="tensorrt", engine_cache=str(work / "engines"),
-                              build_missing_engines=True)
-    return tiny.serve_and_compare(open_bundle_engine(tiny.bundle, settings, compile_bundle),
-                                  atol=1e-2)
-
-
-def check_engine_ort_provider(provider: str, model: Callable[[], _TinyModel]) -> str:
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise Skip("onnxruntime is not installed")
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise Skip(f"this onnxruntime ({ort.__version__}) offers only {', '.join(available)}; "
-                   "onnxruntime-gpu has the GPU providers")
-    tiny = model()
-    from runtime.engines import EngineSettings, open_engine
-
-    engine = open_engine(tiny.bundle.onnx_path, EngineSettings(providers=(provider,)))
-    if engine.provider != provider:
-        raise AssertionError(f"asked for {provider}, the session runs {engine.provider}")
-    return tiny.serve_and_compare(engine, atol=1e-2 if "Tensorrt" in provider else 1e-4)
-
-
-def check_fusion_on_provider(provider: str, work: Path) -> str:
-    """The fused graph (resize, pad, colour, normalise, NMS in the engine: the GPU flavour)
-    on the GPU provider against the same graph on the CPU, and against the Python steps."""
-    missing = missing_modules(PROJECT_MODULES[:-1])
-    if missing:
-        raise Skip(f"project dependencies missing here: {', '.join(missing)}")
-    import onnxruntime as ort
-
-    if provider not in ort.get_available_providers():
-        raise Skip(f"this onnxruntime ({ort.__version__}) offers only "
-                   f"{', '.join(ort.get_available_providers())}")
-    import numpy as np
-
-    from runtime.daemon.frame_paths import FusedFrames, PythonFrames
-    from runtime.engines import EngineSettings, open_engine
-    from runtime.fusion.open import fused_bundle
-    from runtime.fusion.parity import check_frames
-    from tests.runtime.test_fusion import _detector
-
-    bundle = _detector(work / f"fusion-{provider}")
-    fused, spec = fused_bundle(bundle, resize_in_graph=True, decode=True, cast_first=True,
-                               root=work / "fused")  # checked on the CPU first
-    cpu = open_engine(fused.onnx_path, EngineSettings(providers=("CPUExecutionProvider",)))
-    gpu = open_engine(fused.onnx_path, EngineSettings(providers=(provider,)))
-    python_engine = open_engine(bundle.onnx_path,
-                                EngineSettings(providers=("CPUExecutionProvider",)))
-    if gpu.provider != provider:
-        raise AssertionError(f"asked for {provider}, the session runs {gpu.provider}")
-    frames = FusedFrames(bundle.manifest, resize_in_graph=True, decodes=True)
-    python = PythonFrames(bundle.manifest)
-    compared = 0
-    try:
-        for image, color in check_frames(bundle.manifest):
-            feeds, transform = frames.feeds(image, color)
-            on_cpu = frames.decode(cpu.infer(feeds), transform).detections
-            on_gpu = frames.decode(in_thread("sightline-infer-fusion",
-                                             lambda f=feeds: gpu.infer(f)), transform).detections
-            tensor_feeds, _ = python.feeds(image, color)
-            reference = python.decode(python_engine.infer(tensor_feeds), transform).detections
-            for got in (on_gpu, reference):
-                if len(got) != len(on_cpu):
-                    raise AssertionError(f"{len(got)} boxes against {len(on_cpu)} on the CPU")
-                for a, b in zip(on_cpu, got, strict=True):
-                    np.testing.assert_allclose(a.box, b.box, atol=1e-2)
-                    np.testing.assert_allclose(a.score, b.score, atol=1e-4)
-            compared += len(on_cpu)
-    finally:
-        for engine in (cpu, gpu, python_engine):
-            engine.close()
-    return (f"{provider}: {compared} kept boxes over {len(check_frames(bundle.manifest))} "
-            "frames match the CPU fused graph and the Python steps (atol 1e-2 px, 1e-4 score)")
 
 
 # }}}
